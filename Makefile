@@ -1,0 +1,50 @@
+# Two commands on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.kvfabric-installed
+TSTAMP := $(VENV)/.kvfabric-test-installed
+SOURCES_OF_INSTALL := pyproject.toml setup.py $(wildcard native/*.c native/*.h)
+
+# Ray on loopback only, no usage stats, tests bring their own auth settings.
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export RAY_USAGE_STATS_ENABLED := 0
+export PYTHONHASHSEED := random
+
+# Strict-typed pure core (no Ray/gRPC inside).
+CORE := kvfabric/types.py kvfabric/errors.py kvfabric/config.py kvfabric/integrity.py \
+        kvfabric/hashing kvfabric/tiers kvfabric/node
+
+.PHONY: install install-test run test lint unit clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): $(VENV)/bin/python $(SOURCES_OF_INSTALL)
+	$(PIP) install -e .
+	@touch $@
+
+$(TSTAMP): $(STAMP)
+	$(PIP) install -e ".[test]"
+	@touch $@
+
+install: $(STAMP)
+install-test: $(TSTAMP)
+
+run: install
+	$(VENV)/bin/kvfabric up
+
+lint: install-test
+	$(VENV)/bin/ruff check kvfabric tests benchmarks
+	$(VENV)/bin/mypy --strict $(CORE)
+
+test: install-test lint
+	$(PY) -m pytest -q
+
+unit: install-test
+	$(PY) -m pytest -q tests/unit
+
+clean:
+	rm -rf $(VENV) build *.egg-info kvfabric/*.so .pytest_cache .mypy_cache .ruff_cache

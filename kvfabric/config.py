@@ -1,0 +1,204 @@
+"""The one typed, frozen configuration of a kvfabric node.
+
+Values come, in increasing priority, from the embedded defaults, an optional
+TOML file (``[kvfabric]`` table or top level), ``KVFABRIC_<FIELD>`` environment
+variables, and explicit overrides. Every value is checked against its allowed
+range; a bad value raises :class:`ConfigError` naming the field and the range.
+Byte sizes accept plain integers or units: ``"512MiB"``, ``"2 GiB"``, ``"64k"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from kvfabric.errors import ConfigError
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+ENV_PREFIX = "KVFABRIC_"
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": KiB, "kb": KiB, "kib": KiB,
+    "m": MiB, "mb": MiB, "mib": MiB,
+    "g": GiB, "gb": GiB, "gib": GiB,
+    "t": TiB, "tb": TiB, "tib": TiB,
+}  # fmt: skip
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def _bounded(lo: float, hi: float, unit: str = "", doc: str = "") -> dict[str, Any]:
+    return {"lo": lo, "hi": hi, "unit": unit, "doc": doc}
+
+
+@dataclass(frozen=True)
+class KVFabricConfig:
+    """Configuration of one node store; see ``docs/`` and the README for each field."""
+
+    data_dir: str = field(default=".kvfabric", metadata={"doc": "where the disk tier lives"})
+    cpu_arena_bytes: int = field(
+        default=1 * GiB, metadata=_bounded(64 * KiB, 4 * TiB, "bytes", "host arena size")
+    )
+    cpu_slab_bytes: int = field(
+        default=16 * MiB, metadata=_bounded(4 * KiB, 4 * GiB, "bytes", "slab size of the arena")
+    )
+    cpu_arena_shm_name: str = field(
+        default="",
+        metadata={"doc": "name of the /dev/shm segment backing the arena (empty: private)"},
+    )
+    cpu_prefault: bool = field(default=True, metadata={"doc": "touch every arena page at start"})
+    gpu_bytes: int = field(
+        default=0, metadata=_bounded(0, 4 * TiB, "bytes", "GPU tier size (0 disables)")
+    )
+    gpu_device: int = field(default=0, metadata=_bounded(0, 1023, "", "CUDA device index"))
+    disk_enabled: bool = field(default=True, metadata={"doc": "use the LMDB disk tier"})
+    disk_bytes: int = field(
+        default=8 * GiB, metadata=_bounded(1 * MiB, 256 * TiB, "bytes", "LMDB map size")
+    )
+    disk_sync_interval_s: float = field(
+        default=1.0, metadata=_bounded(0.0, 3600.0, "seconds", "LMDB fsync period")
+    )
+    max_block_bytes: int = field(
+        default=16 * MiB, metadata=_bounded(1, 4 * GiB, "bytes", "largest block accepted")
+    )
+    pin_budget_bytes: int = field(
+        default=512 * MiB,
+        metadata=_bounded(0, 256 * TiB, "bytes", "bytes one namespace may hold pinned"),
+    )
+    max_pin_ttl_s: float = field(
+        default=7 * 24 * 3600.0,
+        metadata=_bounded(1.0, 365 * 24 * 3600.0, "seconds", "longest pin TTL"),
+    )
+    policy: str = field(default="lru", metadata={"doc": "eviction policy name in the registry"})
+    status_interval_s: float = field(
+        default=5.0, metadata=_bounded(0.1, 3600.0, "seconds", "status line period of `up`")
+    )
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if "lo" in f.metadata:
+                lo, hi, unit = f.metadata["lo"], f.metadata["hi"], f.metadata["unit"]
+                if not lo <= value <= hi:
+                    raise ConfigError(
+                        f"config field {f.name}={value!r} is outside the allowed range "
+                        f"[{lo}, {hi}] {unit}".rstrip(),
+                        f.name,
+                    )
+        if self.cpu_slab_bytes > self.cpu_arena_bytes:
+            raise ConfigError(
+                f"config field cpu_slab_bytes={self.cpu_slab_bytes} must not exceed "
+                f"cpu_arena_bytes={self.cpu_arena_bytes}",
+                "cpu_slab_bytes",
+            )
+        if self.max_block_bytes > self.cpu_slab_bytes:
+            raise ConfigError(
+                f"config field max_block_bytes={self.max_block_bytes} must not exceed "
+                f"cpu_slab_bytes={self.cpu_slab_bytes} (a block lives in one slab)",
+                "max_block_bytes",
+            )
+        if not self.policy:
+            raise ConfigError("config field policy must name a registered policy", "policy")
+        if self.cpu_arena_shm_name and not re.fullmatch(
+            r"[A-Za-z0-9_.-]{1,200}", self.cpu_arena_shm_name
+        ):
+            raise ConfigError(
+                "config field cpu_arena_shm_name may hold only letters, digits, '_', '.', '-'",
+                "cpu_arena_shm_name",
+            )
+
+    @property
+    def disk_path(self) -> Path:
+        """The LMDB environment directory of this node."""
+        return Path(self.data_dir) / "disk"
+
+    def replace(self, **changes: Any) -> KVFabricConfig:
+        """A copy with ``changes`` applied (and validated)."""
+        return load_config(overrides=changes, base=self, env={})
+
+    def describe(self) -> dict[str, Any]:
+        """Field → value, for `kvfabric doctor` and status output."""
+        return dataclasses.asdict(self)
+
+
+def _coerce(name: str, kind: type, raw: Any) -> Any:
+    """Convert a value from a file, the environment or a flag to the field's type."""
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            if isinstance(raw, int):
+                return raw
+            match = _SIZE_RE.match(str(raw))
+            if not match or match.group(2).lower() not in _UNITS:
+                raise ValueError(raw)
+            return int(match.group(1)) * _UNITS[match.group(2).lower()]
+        if kind is float:
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            value = float(raw)
+            if value != value:  # NaN never satisfies a range
+                raise ValueError(raw)
+            return value
+        if not isinstance(raw, str):
+            raise ValueError(raw)
+        return raw
+    except (ValueError, TypeError):
+        raise ConfigError(
+            f"config field {name}={raw!r} is not a valid {kind.__name__}", name
+        ) from None
+
+
+_FIELD_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    base: KVFabricConfig | None = None,
+) -> KVFabricConfig:
+    """Build a validated config from defaults, a TOML file, the environment and overrides."""
+    kinds = {f.name: _FIELD_TYPES[str(f.type)] for f in fields(KVFabricConfig)}
+    values: dict[str, Any] = dataclasses.asdict(base) if base else {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}", "config") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}", "config") from None
+        table = data.get("kvfabric", data)
+        if not isinstance(table, dict):
+            raise ConfigError(f"config file {path}: [kvfabric] must be a table", "config")
+        for name, raw in table.items():
+            if name not in kinds:
+                raise ConfigError(f"config file {path}: unknown field {name!r}", name)
+            values[name] = _coerce(name, kinds[name], raw)
+    environ = os.environ if env is None else env
+    for name, kind in kinds.items():
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            values[name] = _coerce(name, kind, raw)
+    for name, raw in (overrides or {}).items():
+        if name not in kinds:
+            raise ConfigError(f"unknown config field {name!r}", name)
+        values[name] = _coerce(name, kinds[name], raw)
+    return KVFabricConfig(**values)

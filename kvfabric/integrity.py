@@ -1,0 +1,73 @@
+"""Block checksums and the copy paths that compute them.
+
+A block's checksum is XXH3-64 of its bytes (seed 0). Every copy of block bytes
+in the store goes through one of the functions below, which copy and checksum
+in one pass when the native extension does it faster, so that verifying on
+every move costs (almost) nothing extra.
+
+Each fast path has a pure numpy/xxhash reference (``*_ref``) that defines its
+result; tests compare the two on random inputs. ``kvfabric._native`` is part
+of the package: if it did not build, importing this module fails loudly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from kvfabric import _native  # type: ignore[attr-defined]
+
+Buffer = Any  # any object exposing the buffer protocol (bytes, memoryview, numpy array)
+
+
+def checksum(buf: Buffer) -> int:
+    """XXH3-64 of ``buf``'s bytes."""
+    return int(xxhash.xxh3_64_intdigest(buf))
+
+
+def _u8(buf: Buffer) -> np.ndarray:
+    return np.frombuffer(buf, dtype=np.uint8)
+
+
+def copy_with_checksum_ref(dst: Buffer, src: Buffer) -> int:
+    """Copy ``src`` into ``dst`` (same length) and return the checksum of the bytes."""
+    np.copyto(_u8(dst), _u8(src))
+    return checksum(src)
+
+
+def copy_many_with_checksum_ref(dsts: Sequence[Buffer], srcs: Sequence[Buffer]) -> list[int]:
+    """Pairwise :func:`copy_with_checksum_ref` over two equal-length sequences."""
+    return [copy_with_checksum_ref(d, s) for d, s in zip(dsts, srcs, strict=True)]
+
+
+def gather_with_checksum_ref(
+    arena: Buffer, offsets: Sequence[int], size: int, dst: Buffer
+) -> list[int]:
+    """Copy ``len(offsets)`` slots of ``size`` bytes from ``arena`` into contiguous ``dst``."""
+    a, d = _u8(arena), _u8(dst)
+    out = []
+    for i, off in enumerate(offsets):
+        out.append(copy_with_checksum_ref(d[i * size : (i + 1) * size], a[off : off + size]))
+    return out
+
+
+def scatter_with_checksum_ref(
+    src: Buffer, arena: Buffer, offsets: Sequence[int], size: int
+) -> list[int]:
+    """Copy contiguous ``src`` into ``len(offsets)`` slots of ``size`` bytes in ``arena``."""
+    s, a = _u8(src), _u8(arena)
+    out = []
+    for i, off in enumerate(offsets):
+        out.append(copy_with_checksum_ref(a[off : off + size], s[i * size : (i + 1) * size]))
+    return out
+
+
+# The paths the store uses. Each is bound to the native function only where
+# `kvfabric bench tiers` shows it beats the reference by >= 1.5x (docs/benchmarks.md).
+copy_with_checksum = _native.copy_with_checksum
+copy_many_with_checksum = _native.copy_many_with_checksum
+gather_with_checksum = _native.gather_with_checksum
+scatter_with_checksum = _native.scatter_with_checksum
