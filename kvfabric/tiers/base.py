@@ -22,7 +22,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from kvfabric import integrity
 from kvfabric.types import BlockKey, BlockType, Tier
 
 
@@ -48,7 +50,7 @@ class PutHandle:
 
     tier: Tier
     records: list[BlockRecord]
-    buffers: list[memoryview]
+    buffers: list[Any]  # memoryviews for host tiers, device tensors for the GPU tier
     slots: list[object] = field(default_factory=list)
     done: bool = False
 
@@ -72,7 +74,7 @@ class GetHandle:
 
     tier: Tier
     keys: list[BlockKey]
-    buffers: list[memoryview | None]
+    buffers: list[Any]  # memoryview (host) or tensor (GPU); None when absent
     expected: list[int | None]
     corrupt: list[bool]
     slots: list[object] = field(default_factory=list)
@@ -124,6 +126,32 @@ class TierBackend(ABC):
     @abstractmethod
     def used(self) -> int:
         """Bytes held by published and reserved blocks."""
+
+    def write(self, handle: PutHandle, srcs: Sequence[integrity.Buffer]) -> list[int]:
+        """Copy ``srcs`` into the reserved buffers of ``handle``; return their checksums.
+
+        Host-memory tiers copy and checksum in one pass; a device tier overrides this.
+        """
+        return list(integrity.copy_many_with_checksum(handle.buffers, srcs))
+
+    def read(self, handle: GetHandle, dsts: Sequence[integrity.Buffer | None]) -> list[int | None]:
+        """Copy leased buffer ``i`` into ``dsts[i]`` (host memory) and return its checksum.
+
+        Positions whose buffer or destination is None are skipped (result None).
+        The caller compares the result with ``handle.expected[i]``.
+        """
+        wanted = [
+            i
+            for i, (d, b) in enumerate(zip(dsts, handle.buffers, strict=True))
+            if d is not None and b is not None
+        ]
+        sums = integrity.copy_many_with_checksum(
+            [dsts[i] for i in wanted], [handle.buffers[i] for i in wanted]
+        )
+        out: list[int | None] = [None] * len(dsts)
+        for i, c in zip(wanted, sums, strict=True):
+            out[i] = int(c)
+        return out
 
     def inventory(self) -> Iterator[BlockRecord]:
         """Records of the published blocks that survive a restart (persistent tiers)."""
