@@ -66,8 +66,9 @@ def scatter_with_checksum_ref(
 
 
 # The paths the store uses. Each is bound to the native function only where
-# `kvfabric bench tiers` shows it beats the reference by >= 1.5x (docs/benchmarks.md).
-copy_with_checksum = _native.copy_with_checksum
+# `kvfabric bench tiers` shows it beats the reference by >= 1.5x (docs/benchmarks.md):
+# a single large copy is as fast in numpy + xxhash (AVX2), batches are not.
+copy_with_checksum = copy_with_checksum_ref
 copy_many_with_checksum = _native.copy_many_with_checksum
 gather_with_checksum = _native.gather_with_checksum
 scatter_with_checksum = _native.scatter_with_checksum
