@@ -25,7 +25,7 @@ def test_allocations_never_overlap_or_leak(ops: list[tuple[bool, int]]) -> None:
                 assert not alloc.can_allocate([size])
                 continue
             end = off + slot_size(size)
-            assert 0 <= off and end <= alloc.capacity and off % ALIGN == 0
+            assert off >= 0 and end <= alloc.capacity and off % ALIGN == 0
             for o, s in live.items():
                 assert end <= o or o + slot_size(s) <= off, "overlap"
             live[off] = size
