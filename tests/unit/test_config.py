@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kvfabric.config import GiB, MiB, KVFabricConfig, load_config
+from kvfabric.config import GiB, KVFabricConfig, MiB, load_config
 from kvfabric.errors import ConfigError
 
 

@@ -1,0 +1,17 @@
+"""Benchmarks runnable as `kvfabric bench NAME`; each measures its baseline in the same run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+Runner = Callable[..., dict[str, Any]]
+
+
+def _tiers(**kw: Any) -> dict[str, Any]:
+    from kvfabric.bench.tiers import run
+
+    return run(**kw)
+
+
+BENCHMARKS: dict[str, Runner] = {"tiers": _tiers}

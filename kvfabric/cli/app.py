@@ -1,0 +1,160 @@
+"""The `kvfabric` command line (typer + rich).
+
+Exit codes scripts can rely on: 0 ok, 1 failure (one clear line on stderr),
+2 usage error. Every command that prints data takes ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kvfabric.errors import KVFabricError
+
+app = typer.Typer(
+    name="kvfabric",
+    help="kvfabric: a tiered, program-aware KV-cache store for LLM serving.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def fail(message: str) -> typer.Exit:
+    """Print one line to stderr and return the exit-1 exception to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+def emit_json(obj: Any) -> None:
+    """Print one JSON object on one line (the last line of output)."""
+    typer.echo(json.dumps(obj, sort_keys=True, default=str))
+
+
+@app.command()
+def up(
+    config: Annotated[Path | None, typer.Option(help="TOML config file")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="where the disk tier lives")] = None,
+    cpu_arena_bytes: Annotated[str | None, typer.Option(help="host arena size, e.g. 1GiB")] = None,
+    disk_bytes: Annotated[str | None, typer.Option(help="LMDB map size, e.g. 8GiB")] = None,
+    status_interval: Annotated[
+        float | None, typer.Option(help="seconds between status lines")
+    ] = None,
+    once: Annotated[bool, typer.Option(help="print one status line and exit")] = False,
+) -> None:
+    """Start a local single-node fabric and serve until Ctrl-C."""
+    from kvfabric.cli.serve import serve_forever
+    from kvfabric.config import load_config
+
+    overrides = {
+        k: v
+        for k, v in {
+            "data_dir": data_dir,
+            "cpu_arena_bytes": cpu_arena_bytes,
+            "disk_bytes": disk_bytes,
+            "status_interval_s": status_interval,
+        }.items()
+        if v is not None
+    }
+    try:
+        cfg = load_config(config, overrides=overrides)
+        serve_forever(cfg, once=once)
+    except KVFabricError as exc:
+        raise fail(exc.message) from None
+
+
+@app.command()
+def doctor(json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False) -> None:
+    """Check versions, usable tiers and transports, and the hash self-test."""
+    from kvfabric.cli.doctor import render, run_checks
+
+    report = run_checks()
+    if json_out:
+        emit_json(report)
+    else:
+        render(report)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command("hash")
+def hash_cmd(
+    block_size: Annotated[int, typer.Option(help="tokens per block")],
+    tokens: Annotated[str | None, typer.Option(help="comma-separated token ids")] = None,
+    tokens_file: Annotated[Path | None, typer.Option(help="file of token ids")] = None,
+    cache_salt: Annotated[str | None, typer.Option(help="cache salt of the request")] = None,
+    lora_id: Annotated[str | None, typer.Option(help="LoRA adapter id")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Print the canonical chained hash of each full block, one hex line per block."""
+    from kvfabric.hashing import ExtraKeys, chain_hashes, format_chain, parse_token_list
+
+    if (tokens is None) == (tokens_file is None):
+        typer.echo("error: give exactly one of --tokens or --tokens-file", err=True)
+        raise typer.Exit(2)
+    try:
+        if tokens_file is not None:
+            try:
+                text = tokens_file.read_text()
+            except OSError as exc:
+                raise fail(f"cannot read --tokens-file {tokens_file}: {exc.strerror}") from None
+        else:
+            text = tokens or ""
+        ids = parse_token_list(text)
+        extras = ExtraKeys(cache_salt=cache_salt, lora_id=lora_id)
+        lines = format_chain(chain_hashes(ids, block_size, extras))
+    except KVFabricError as exc:
+        raise fail(exc.message) from None
+    if json_out:
+        emit_json({"block_size": block_size, "tokens": len(ids), "hashes": lines})
+    else:
+        for line in lines:
+            typer.echo(line)
+
+
+@app.command()
+def bench(
+    name: Annotated[str, typer.Argument(help="benchmark: tiers")],
+    quick: Annotated[bool, typer.Option(help="small sizes, a few seconds")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object last")] = False,
+) -> None:
+    """Run a benchmark that measures its own baseline in the same run."""
+    from kvfabric.bench import BENCHMARKS
+
+    runner = BENCHMARKS.get(name)
+    if runner is None:
+        typer.echo(f"error: unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}", err=True)
+        raise typer.Exit(2)
+    try:
+        result = runner(quick=quick, progress=not json_out)
+    except KVFabricError as exc:
+        raise fail(exc.message) from None
+    if json_out:
+        emit_json(result)
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"kvfabric bench {name}")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for k, v in result.items():
+            table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
+        Console().print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KVFabricError as exc:  # a typed error that escaped a command
+        typer.echo(f"error: {exc.message}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
