@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.kvfabric-installed
 TSTAMP := $(VENV)/.kvfabric-test-installed
-SOURCES_OF_INSTALL := pyproject.toml setup.py $(wildcard native/*.c native/*.h)
+SOURCES_OF_INSTALL := pyproject.toml setup.py $(wildcard native/*.c native/third_party/*)
 
 # Ray on loopback only, no usage stats, tests bring their own auth settings.
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0

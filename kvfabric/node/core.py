@@ -31,6 +31,7 @@ from kvfabric.errors import (
     NotFound,
     ResourceExhausted,
 )
+from kvfabric.node.leases import ReadLease, WriteReservation
 from kvfabric.node.pins import PinTable
 from kvfabric.node.results import (
     Counters,
@@ -458,6 +459,110 @@ class NodeStoreCore:
                 moved.append(meta.key)
                 self.counters.promotions += tier < meta.tier
         return MoveResult(tuple(moved), tuple(unchanged), tuple(missing), tuple(corrupt))
+
+    # -- data plane ---------------------------------------------------------------------
+    def open_read(self, keys: Sequence[BlockKey]) -> ReadLease:
+        """Lease host buffers of stored blocks for sending (absent keys give None).
+
+        Blocks on the GPU tier are staged through host memory. The receiver
+        verifies the checksums; the lease counts as an access of each block.
+        """
+        with self._lock:
+            self._expire_pins()
+            metas = [self._find(k) for k in keys]
+            by_tier: dict[Tier, list[int]] = {}
+            for i, m in enumerate(metas):
+                if m is not None:
+                    by_tier.setdefault(m.tier, []).append(i)
+                    self._touch(m)
+            handles = [(self.tiers[t], idx, self.tiers[t].prepare_get([keys[i] for i in idx]))
+                       for t, idx in by_tier.items()]  # fmt: skip
+        buffers: list[memoryview | None] = [None] * len(keys)
+        for backend, idx, handle in handles:
+            for j, i in enumerate(idx):
+                meta = metas[i]
+                if handle.buffers[j] is None or meta is None:
+                    continue
+                if backend.tier == Tier.GPU:
+                    host = bytearray(meta.size)
+                    backend.read(handle, [host if k == j else None for k in range(len(idx))])
+                    buffers[i] = memoryview(host)
+                else:
+                    buffers[i] = handle.buffers[j]
+
+        def release() -> None:
+            with self._lock:
+                for backend, _, handle in handles:
+                    backend.complete_get(handle)
+
+        records: list[BlockRecord | None] = [
+            None if m is None else BlockRecord(m.key, m.size, m.checksum, m.type, m.program_id)
+            for m in metas
+        ]
+        sums = [None if m is None or buffers[i] is None else m.checksum
+                for i, m in enumerate(metas)]  # fmt: skip
+        return ReadLease(list(keys), buffers, sums, records, release)
+
+    def open_write(self, records: Sequence[BlockRecord]) -> WriteReservation:
+        """Reserve CPU-tier slots for incoming blocks whose checksums are known.
+
+        Keys already stored (or being written) are reported in ``present`` and
+        get no slot. Nothing is visible until the reservation is committed.
+        """
+        for r in records:
+            self._check_record(r)
+        with self._lock:
+            self._expire_pins()
+            todo = [r for r in records if self._find(r.key) is None and r.key not in self._inflight]
+            todo = list({r.key: r for r in todo}.values())
+            present = [r.key for r in records if r.key not in {t.key for t in todo}]
+            backend = self.tiers[Tier.CPU]
+            if todo:
+                self._make_room(Tier.CPU, [r.size for r in todo])
+            handles = [backend.prepare_put([r]) for r in todo]
+            self._inflight.update(r.key for r in todo)
+
+        def commit(received: list[bool]) -> list[PutResult | None]:
+            out: list[PutResult | None] = []
+            with self._lock:
+                self._inflight.difference_update(r.key for r in todo)
+                for r, handle, got in zip(todo, handles, received, strict=True):
+                    ok = got and integrity.checksum(handle.buffers[0]) == r.checksum
+                    if not ok:
+                        backend.abort_put(handle)
+                        self.counters.checksum_failures += got
+                        out.append(None)
+                        continue
+                    backend.complete_put(handle)
+                    now = self.clock()
+                    meta = BlockMeta(r.key, r.size, r.checksum, Tier.CPU, r.type, r.program_id,
+                                     now, now)  # fmt: skip
+                    self._index[r.key.namespace][r.key.hash] = meta
+                    self.policy.on_insert(meta)
+                    self.counters.puts += 1
+                    out.append(PutResult(r.key, True, Tier.CPU, r.checksum))
+            return out
+
+        def abort() -> None:
+            with self._lock:
+                self._inflight.difference_update(r.key for r in todo)
+                for handle in handles:
+                    backend.abort_put(handle)
+
+        return WriteReservation(list(todo), [h.buffers[0] for h in handles], present, commit, abort)
+
+    def _check_record(self, r: BlockRecord) -> None:
+        if not isinstance(r, BlockRecord) or not isinstance(r.key, BlockKey):
+            raise InvalidArgument("incoming blocks must be BlockRecords", "records")
+        info = self.namespace(r.key.namespace)
+        if r.size != info.block_bytes:
+            raise InvalidArgument(
+                f"incoming block of {r.size} bytes; namespace {r.key.namespace} blocks are "
+                f"{info.block_bytes} bytes",
+                "size",
+            )
+        if not isinstance(r.checksum, int) or not 0 <= r.checksum < 1 << 64:
+            raise InvalidArgument("checksum must be an unsigned 64-bit int", "checksum")
 
     # -- internals ----------------------------------------------------------------------
     def tier_list(self) -> list[Tier]:

@@ -62,9 +62,16 @@ class Arena:
             self._map[off : off + 1] = zero
 
     def close(self) -> None:
-        """Unmap the arena and unlink its shared-memory name."""
-        self.view.release()
-        self._map.close()
+        """Unmap the arena and unlink its shared-memory name.
+
+        If callers still hold views into the arena, unmapping is left to the
+        garbage collector rather than invalidating memory they may read.
+        """
+        try:
+            self.view.release()
+            self._map.close()
+        except BufferError:
+            log.warning("arena closed while views into it are still held; unmap deferred")
         if self.shm_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.shm_path)

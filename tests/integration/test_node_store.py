@@ -185,3 +185,37 @@ def test_everything_pinned_and_no_disk_is_resource_exhausted_not_loss(tmp_path: 
         store.put_many([key(50), key(51)], [block(50, B), block(51, B)])
     assert [store.get(k) for k in keys] == [block(i, B) for i in range(16)]
     store.close()
+
+
+def test_write_reservation_publishes_only_verified_blocks(store: NodeStoreCore) -> None:
+    from kvfabric import integrity
+    from kvfabric.tiers.base import BlockRecord
+
+    store.put(key(9), block(9, B))
+    recs = [BlockRecord(key(i), B, integrity.checksum(block(i, B))) for i in (1, 2, 9)]
+    res = store.open_write(recs)
+    assert res.present == [key(9)] and [r.key for r in res.records] == [key(1), key(2)]
+    assert store.contains([key(1)]) == [None]  # nothing visible before commit
+    res.buffers[0][:] = block(1, B)
+    res.buffers[1][:] = block(3, B)  # wrong bytes for key(2)
+    out = res.commit()
+    assert out[0] is not None and out[1] is None
+    assert store.get(key(1)) == block(1, B) and store.contains([key(2)]) == [None]
+    assert store.stats().counters.checksum_failures == 1
+    aborted = store.open_write([BlockRecord(key(4), B, 0)])
+    aborted.abort()
+    assert store.contains([key(4)]) == [None]
+    with pytest.raises(InvalidArgument) as err:
+        store.open_write([BlockRecord(key(5), B + 1, 0)])
+    assert err.value.field == "size"
+
+
+def test_read_lease_stays_valid_while_the_block_is_evicted(store: NodeStoreCore) -> None:
+    store.put_many([key(1), key(2)], [block(1, B), block(2, B)])
+    store.move([key(2)], Tier.DISK)
+    with store.open_read([key(1), key(2), key(3)]) as lease:
+        assert lease.buffers[2] is None and lease.checksums[2] is None
+        store.evict([key(1)])
+        store.put_many([key(i) for i in range(10, 30)], [block(i, B) for i in range(10, 30)])
+        assert bytes(lease.buffers[0]) == block(1, B)  # type: ignore[arg-type]
+        assert bytes(lease.buffers[1]) == block(2, B)  # type: ignore[arg-type]
