@@ -31,6 +31,7 @@ from kvfabric.errors import (
     NotFound,
     ResourceExhausted,
 )
+from kvfabric.node.changes import ChangeFeed, ChangeKind
 from kvfabric.node.leases import ReadLease, WriteReservation
 from kvfabric.node.pins import PinTable
 from kvfabric.node.results import (
@@ -102,6 +103,7 @@ class NodeStoreCore:
         self._index: dict[str, dict[bytes, BlockMeta]] = {}
         self._namespaces: dict[str, NamespaceInfo] = {}
         self._inflight: set[BlockKey] = set()
+        self.changes = ChangeFeed()
         self._lock = threading.RLock()
         self._rebuild()
 
@@ -249,6 +251,7 @@ class NodeStoreCore:
                 meta.checksum, meta.tier = checksum, dst
                 self._index[meta.key.namespace][meta.key.hash] = meta
                 self.policy.on_insert(meta)
+                self.changes.record(ChangeKind.STORED, meta)
                 results[i] = PutResult(meta.key, True, dst, checksum)
             self.counters.puts += len(chunk)
 
@@ -401,18 +404,24 @@ class NodeStoreCore:
             self._expire_pins()
             present, missing = self._split(keys)
             new_bytes = self.pins.pin(present, owner, ttl_s, self.clock())
+            for m in present:
+                self.changes.record(ChangeKind.PINS, m)
         return PinResult(tuple(m.key for m in present), tuple(missing), new_bytes)
 
     def unpin(self, keys: Sequence[BlockKey], owner: str, *, all_counts: bool = False) -> int:
         """Drop ``owner``'s pin (one count, or all) on ``keys``; returns blocks released."""
         with self._lock:
             present, _ = self._split(keys)
-            return self.pins.unpin(present, owner, all_counts=all_counts)
+            released = self.pins.unpin(present, owner, all_counts=all_counts)
+            for m in present:
+                self.changes.record(ChangeKind.PINS, m)
+            return released
 
     def _expire_pins(self) -> None:
-        self.counters.pins_expired += self.pins.expire(
-            self.clock(), lambda ns, h: self._index.get(ns, {}).get(h)
-        )
+        ended = self.pins.expire(self.clock(), lambda ns, h: self._index.get(ns, {}).get(h))
+        self.counters.pins_expired += len(ended)
+        for meta in ended:
+            self.changes.record(ChangeKind.PINS, meta)
 
     # -- evict, move, prefetch ----------------------------------------------------------
     def evict(self, keys: Sequence[BlockKey]) -> int:
@@ -539,6 +548,7 @@ class NodeStoreCore:
                                      now, now)  # fmt: skip
                     self._index[r.key.namespace][r.key.hash] = meta
                     self.policy.on_insert(meta)
+                    self.changes.record(ChangeKind.STORED, meta)
                     self.counters.puts += 1
                     out.append(PutResult(r.key, True, Tier.CPU, r.checksum))
             return out
@@ -663,6 +673,7 @@ class NodeStoreCore:
         old = meta.tier
         meta.tier = dst_tier
         self.policy.on_move(meta, old)
+        self.changes.record(ChangeKind.MOVED, meta)
 
     def _host_view(self, src: TierBackend, lease: Any, meta: BlockMeta) -> memoryview:
         buf = lease.buffers[0]
@@ -689,6 +700,7 @@ class NodeStoreCore:
         self._index[meta.key.namespace].pop(meta.key.hash, None)
         self.pins.forget(meta)
         self.policy.on_remove(meta)
+        self.changes.record(ChangeKind.DROPPED, meta)
 
     def _rebuild(self) -> None:
         """Index the blocks persistent tiers kept across a restart."""

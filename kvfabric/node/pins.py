@@ -101,9 +101,9 @@ class PinTable:
             self._pinned_bytes[meta.key.namespace] -= meta.size
             meta.pins.clear()
 
-    def expire(self, now: float, find: Callable[[str, bytes], BlockMeta | None]) -> int:
-        """End every pin whose TTL has passed; returns how many pins ended."""
-        ended = 0
+    def expire(self, now: float, find: Callable[[str, bytes], BlockMeta | None]) -> list[BlockMeta]:
+        """End every pin whose TTL has passed; returns the blocks whose pins ended."""
+        ended: list[BlockMeta] = []
         while self._expiry and self._expiry[0][0] <= now:
             when, digest, ns, owner = heapq.heappop(self._expiry)
             meta = find(ns, digest)
@@ -111,5 +111,5 @@ class PinTable:
             if meta is None or pin is None or pin.expires_at != when:
                 continue  # gone, unpinned, or re-pinned with a later TTL
             self.unpin([meta], owner, all_counts=True)
-            ended += 1
+            ended.append(meta)
         return ended

@@ -219,3 +219,26 @@ def test_read_lease_stays_valid_while_the_block_is_evicted(store: NodeStoreCore)
         store.put_many([key(i) for i in range(10, 30)], [block(i, B) for i in range(10, 30)])
         assert bytes(lease.buffers[0]) == block(1, B)  # type: ignore[arg-type]
         assert bytes(lease.buffers[1]) == block(2, B)  # type: ignore[arg-type]
+
+
+def test_change_feed_reports_what_the_directory_must_learn(store: NodeStoreCore) -> None:
+    from kvfabric.node.changes import ChangeFeed, ChangeKind
+
+    store.changes.drain()
+    store.put(key(1), block(1, B))
+    store.move([key(1)], Tier.DISK)
+    store.pin([key(1)], owner="o")
+    store.unpin([key(1)], owner="o")
+    store.evict([key(1)])
+    changes, lost = store.changes.drain()
+    assert [c.kind for c in changes] == [
+        ChangeKind.STORED, ChangeKind.MOVED, ChangeKind.PINS, ChangeKind.PINS, ChangeKind.DROPPED
+    ]
+    assert changes[1].tier == Tier.DISK and changes[2].pins == 1 and changes[3].pins == 0
+    assert not lost and store.changes.drain() == ([], False)
+    small = ChangeFeed(maxlen=2)
+    meta = store.meta(key(1)) or store.put(key(2), block(2, B)) and store.meta(key(2))
+    assert meta is not None
+    for _ in range(3):
+        small.record(ChangeKind.STORED, meta)
+    assert small.drain()[1] is True  # overflow tells the shell to resync
