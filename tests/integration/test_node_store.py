@@ -237,7 +237,8 @@ def test_change_feed_reports_what_the_directory_must_learn(store: NodeStoreCore)
     assert changes[1].tier == Tier.DISK and changes[2].pins == 1 and changes[3].pins == 0
     assert not lost and store.changes.drain() == ([], False)
     small = ChangeFeed(maxlen=2)
-    meta = store.meta(key(1)) or store.put(key(2), block(2, B)) and store.meta(key(2))
+    store.put(key(2), block(2, B))
+    meta = store.meta(key(2))
     assert meta is not None
     for _ in range(3):
         small.record(ChangeKind.STORED, meta)
