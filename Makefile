@@ -14,7 +14,8 @@ export PYTHONHASHSEED := random
 
 # Strict-typed pure core (no Ray/gRPC inside).
 CORE := kvfabric/types.py kvfabric/errors.py kvfabric/config.py kvfabric/integrity.py \
-        kvfabric/hashing kvfabric/tiers kvfabric/node
+        kvfabric/hashing kvfabric/tiers kvfabric/node kvfabric/directory kvfabric/cluster.py \
+        kvfabric/transfer
 
 .PHONY: install install-test run test lint unit clean
 

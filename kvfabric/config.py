@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from kvfabric.errors import ConfigError
+from kvfabric.types import BlockType
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 ENV_PREFIX = "KVFABRIC_"
@@ -80,6 +81,30 @@ class KVFabricConfig:
         default=5.0, metadata=_bounded(0.1, 3600.0, "seconds", "status line period of `up`")
     )
 
+    transport: str = field(default="auto", metadata={"doc": "data plane: auto, tcp or nixl"})
+    data_host: str = field(
+        default="", metadata={"doc": "address the data plane listens on (empty: the node's IP)"}
+    )
+    claim_timeout_s: float = field(
+        default=30.0, metadata=_bounded(0.1, 3600.0, "seconds", "when a dead writer's claim ends")
+    )
+    node_check_interval_s: float = field(
+        default=1.0, metadata=_bounded(0.05, 60.0, "seconds", "directory liveness check period")
+    )
+    rpc_timeout_s: float = field(
+        default=60.0, metadata=_bounded(0.1, 3600.0, "seconds", "timeout of every remote call")
+    )
+    replicate_types: str = field(
+        default="TOOL_DEFINITION,SYSTEM_PROMPT",
+        metadata={"doc": "block types copied to every node"},
+    )
+    join_push_blocks: int = field(
+        default=1024, metadata=_bounded(0, 1 << 24, "blocks", "hot blocks pushed to a new node")
+    )
+    directory_snapshot_every: int = field(
+        default=10_000, metadata=_bounded(10, 1 << 30, "events", "events between snapshots")
+    )
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
@@ -103,6 +128,17 @@ class KVFabricConfig:
                 f"cpu_slab_bytes={self.cpu_slab_bytes} (a block lives in one slab)",
                 "max_block_bytes",
             )
+        if self.transport not in ("auto", "tcp", "nixl"):
+            raise ConfigError(
+                f"config field transport={self.transport!r} must be auto, tcp or nixl", "transport"
+            )
+        for name in filter(None, (t.strip() for t in self.replicate_types.split(","))):
+            if name not in BlockType.__members__:
+                raise ConfigError(
+                    f"config field replicate_types names unknown block type {name!r}; known: "
+                    f"{', '.join(BlockType.__members__)}",
+                    "replicate_types",
+                )
         if not self.policy:
             raise ConfigError("config field policy must name a registered policy", "policy")
         if self.cpu_arena_shm_name and not re.fullmatch(
@@ -112,6 +148,21 @@ class KVFabricConfig:
                 "config field cpu_arena_shm_name may hold only letters, digits, '_', '.', '-'",
                 "cpu_arena_shm_name",
             )
+
+    @property
+    def replicated_types(self) -> frozenset[BlockType]:
+        """Block types copied to every node."""
+        names = (t.strip() for t in self.replicate_types.split(","))
+        return frozenset(BlockType[n] for n in names if n)
+
+    def for_node(self, node_id: str) -> KVFabricConfig:
+        """This config with the data directory of one node (several nodes may share a disk)."""
+        return self.replace(data_dir=str(Path(self.data_dir) / f"node-{node_id[:16]}"))
+
+    @property
+    def directory_path(self) -> Path:
+        """Where the directory keeps its event log and snapshots."""
+        return Path(self.data_dir) / "directory"
 
     @property
     def disk_path(self) -> Path:

@@ -18,6 +18,10 @@ class KVFabricError(Exception):
         self.message = message
         self.field = field
 
+    def __reduce__(self) -> tuple[type[KVFabricError], tuple[str, str | None]]:
+        # Keep the field when the error crosses a process boundary (Ray, multiprocessing).
+        return (type(self), (self.message, self.field))
+
 
 class InvalidArgument(KVFabricError):
     """The caller sent a value outside what the store accepts."""

@@ -38,16 +38,26 @@ def emit_json(obj: Any) -> None:
 @app.command()
 def up(
     config: Annotated[Path | None, typer.Option(help="TOML config file")] = None,
-    data_dir: Annotated[str | None, typer.Option(help="where the disk tier lives")] = None,
-    cpu_arena_bytes: Annotated[str | None, typer.Option(help="host arena size, e.g. 1GiB")] = None,
-    disk_bytes: Annotated[str | None, typer.Option(help="LMDB map size, e.g. 8GiB")] = None,
+    address: Annotated[
+        str | None, typer.Option(help="join the Ray cluster at this address (default: start one)")
+    ] = None,
+    data_dir: Annotated[str | None, typer.Option(help="where disk tiers and logs live")] = None,
+    cpu_arena_bytes: Annotated[
+        str | None, typer.Option(help="host arena per node, e.g. 1GiB")
+    ] = None,
+    disk_bytes: Annotated[
+        str | None, typer.Option(help="LMDB map size per node, e.g. 8GiB")
+    ] = None,
     status_interval: Annotated[
         float | None, typer.Option(help="seconds between status lines")
     ] = None,
-    once: Annotated[bool, typer.Option(help="print one status line and exit")] = False,
+    standalone: Annotated[
+        bool, typer.Option(help="one node store in this process, no Ray")
+    ] = False,
+    detach: Annotated[bool, typer.Option(help="start the fabric and return")] = False,
+    once: Annotated[bool, typer.Option(help="print one status line and stop")] = False,
 ) -> None:
-    """Start a local single-node fabric and serve until Ctrl-C."""
-    from kvfabric.cli.serve import serve_forever
+    """Start (or join) the fabric: directory + a NodeStore on every node; serve until Ctrl-C."""
     from kvfabric.config import load_config
 
     overrides = {
@@ -62,9 +72,55 @@ def up(
     }
     try:
         cfg = load_config(config, overrides=overrides)
-        serve_forever(cfg, once=once)
+        if standalone:
+            from kvfabric.cli.serve import serve_forever
+
+            serve_forever(cfg, once=once)
+        else:
+            from kvfabric.cli.serve import serve_cluster
+
+            serve_cluster(cfg, address, detach=detach, once=once)
     except KVFabricError as exc:
         raise fail(exc.message) from None
+
+
+@app.command()
+def down(
+    address: Annotated[str, typer.Option(help="address of the Ray cluster")] = "auto",
+) -> None:
+    """Stop every NodeStore and the directory of a running fabric."""
+    from kvfabric import cluster
+
+    try:
+        cluster.connect(address)
+        typer.echo(f"kvfabric: stopped {cluster.down()} actors")
+    except KVFabricError as exc:
+        raise fail(exc.message) from None
+    except ConnectionError as exc:
+        raise fail(f"no Ray cluster at {address}: {exc}") from None
+
+
+@app.command()
+def status(
+    address: Annotated[str, typer.Option(help="address of the Ray cluster")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Nodes, their tiers and readiness, and the directory's sequence number."""
+    from kvfabric import cluster
+    from kvfabric.cli.serve import cluster_status
+
+    try:
+        cluster.connect(address)
+        report = cluster_status()
+    except KVFabricError as exc:
+        raise fail(exc.message) from None
+    except ConnectionError as exc:
+        raise fail(f"no Ray cluster at {address}: {exc}") from None
+    if json_out:
+        emit_json(report)
+        return
+    for line in report["lines"]:
+        typer.echo(line)
 
 
 @app.command()

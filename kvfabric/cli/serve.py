@@ -1,11 +1,17 @@
-"""`kvfabric up` for a single node: open the node store and print a status line until Ctrl-C."""
+"""`kvfabric up`: run the fabric in the foreground and print a status line until Ctrl-C.
+
+Cluster mode starts (or joins) Ray, the directory and a NodeStore per node;
+standalone mode runs one node store in this process without Ray.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
 from types import FrameType
+from typing import Any
 
 import typer
 
@@ -57,4 +63,53 @@ def serve_forever(config: KVFabricConfig, *, once: bool = False) -> None:
                 break
     finally:
         store.close()
+        typer.echo("kvfabric: stopped")
+
+
+def cluster_status() -> dict[str, Any]:
+    """Every node's info and stats, and the directory's sequence number."""
+    import ray
+
+    from kvfabric import cluster
+
+    directory = cluster.directory_handle()
+    seq = ray.get(directory.ping.remote(), timeout=30)
+    nodes = {}
+    lines = [f"kvfabric directory seq {seq}"]
+    for node_id, handle in sorted(cluster.node_stores().items()):
+        info = ray.get(handle.info.remote(), timeout=30)
+        stats = ray.get(handle.stats.remote(), timeout=30)
+        nodes[node_id] = {**info, "stats": dataclasses.asdict(stats)}
+        lines.append(f"node {node_id[:12]} {info['address']} ready={info['ready']} | "
+                     + status_line(stats))  # fmt: skip
+    return {"seq": seq, "nodes": nodes, "lines": lines}
+
+
+def serve_cluster(
+    config: KVFabricConfig, address: str | None, *, detach: bool = False, once: bool = False
+) -> None:
+    """Bring the fabric up and print status lines until SIGINT/SIGTERM; then take it down."""
+    from kvfabric import cluster
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda s, f: stop.set())
+    signal.signal(signal.SIGTERM, lambda s, f: stop.set())
+    started = cluster.up(config, address)
+    typer.echo(f"kvfabric: fabric up on Ray at {started['ray_address']}")
+    for node_id, info in sorted(started["nodes"].items()):
+        typer.echo(f"kvfabric: NodeStore {node_id[:12]} serving blocks at {info['address']} "
+                   f"({info['transport']}, tiers {', '.join(info['tiers'])})")  # fmt: skip
+    if detach:
+        return
+    try:
+        while True:
+            for line in cluster_status()["lines"]:
+                typer.echo(line)
+            if once or stop.wait(config.status_interval_s):
+                break
+    finally:
+        cluster.down()
         typer.echo("kvfabric: stopped")

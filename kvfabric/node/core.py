@@ -255,6 +255,13 @@ class NodeStoreCore:
                 results[i] = PutResult(meta.key, True, dst, checksum)
             self.counters.puts += len(chunk)
 
+    def check_blocks(self, keys: Sequence[BlockKey], datas: Sequence[integrity.Buffer]) -> None:
+        """Raise the error a put of these blocks would raise, changing nothing."""
+        if len(keys) != len(datas):
+            raise InvalidArgument(f"{len(keys)} keys but {len(datas)} buffers", "datas")
+        for k, d in zip(keys, datas, strict=True):
+            self._check_block(k, d)
+
     def _check_block(self, key: BlockKey, data: integrity.Buffer) -> memoryview:
         if not isinstance(key, BlockKey):
             raise InvalidArgument(f"key must be a BlockKey, got {type(key).__name__}", "key")
@@ -533,10 +540,12 @@ class NodeStoreCore:
 
         def commit(received: list[bool]) -> list[PutResult | None]:
             out: list[PutResult | None] = []
+            # Verify outside the lock: other blocks keep moving while these are hashed.
+            verified = [got and integrity.checksum(h.buffers[0]) == r.checksum
+                        for r, h, got in zip(todo, handles, received, strict=True)]  # fmt: skip
             with self._lock:
                 self._inflight.difference_update(r.key for r in todo)
-                for r, handle, got in zip(todo, handles, received, strict=True):
-                    ok = got and integrity.checksum(handle.buffers[0]) == r.checksum
+                for r, handle, got, ok in zip(todo, handles, received, verified, strict=True):
                     if not ok:
                         backend.abort_put(handle)
                         self.counters.checksum_failures += got

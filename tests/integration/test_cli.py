@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,7 +67,7 @@ def test_up_serves_until_signalled(tmp_path: Path) -> None:
     env = {**os.environ, "KVFABRIC_STATUS_INTERVAL_S": "0.2", "KVFABRIC_CPU_ARENA_BYTES": "64MiB",
            "KVFABRIC_DISK_BYTES": "64MiB"}  # fmt: skip
     proc = subprocess.Popen(
-        [*KVFABRIC, "up", "--data-dir", str(tmp_path / "data")],
+        [*KVFABRIC, "up", "--standalone", "--data-dir", str(tmp_path / "data")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
     try:
@@ -87,6 +89,38 @@ def test_up_serves_until_signalled(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
     assert (tmp_path / "data" / "disk").is_dir()
+
+
+def test_up_starts_a_local_ray_fabric_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    ray_tmp = tempfile.mkdtemp(prefix="kvf-", dir="/tmp")
+    os.makedirs(os.path.join(ray_tmp, "ray"))
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "KVFABRIC_STATUS_INTERVAL_S": "0.5",
+           "KVFABRIC_CPU_ARENA_BYTES": "64MiB", "KVFABRIC_DISK_BYTES": "64MiB",
+           "KVFABRIC_CPU_PREFAULT": "0"}  # fmt: skip
+    proc = subprocess.Popen(
+        [*KVFABRIC, "up", "--data-dir", str(tmp_path / "data")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    seen: list[str] = []
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and sum("ready=True" in x for x in seen) < 2:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+        text = "".join(seen)
+        assert "fabric up on Ray" in text and "serving blocks at 127.0.0.1:" in text, text
+        assert "directory seq" in text and "ready=True" in text, text
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, rest
+        assert "stopped" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_up_rejects_a_bad_config_value(tmp_path: Path) -> None:

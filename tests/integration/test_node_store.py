@@ -232,7 +232,11 @@ def test_change_feed_reports_what_the_directory_must_learn(store: NodeStoreCore)
     store.evict([key(1)])
     changes, lost = store.changes.drain()
     assert [c.kind for c in changes] == [
-        ChangeKind.STORED, ChangeKind.MOVED, ChangeKind.PINS, ChangeKind.PINS, ChangeKind.DROPPED
+        ChangeKind.STORED,
+        ChangeKind.MOVED,
+        ChangeKind.PINS,
+        ChangeKind.PINS,
+        ChangeKind.DROPPED,
     ]
     assert changes[1].tier == Tier.DISK and changes[2].pins == 1 and changes[3].pins == 0
     assert not lost and store.changes.drain() == ([], False)

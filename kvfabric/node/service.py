@@ -1,0 +1,332 @@
+"""NodeStoreService: one node's store joined to the cluster, without Ray in it.
+
+This is the class the ``NodeStore`` Ray actor wraps (the shape of Ray's
+``util/queue.py``): it owns the node-store core and the data-plane server, and
+talks to the directory through a :class:`DirectoryPort`, an object with plain
+synchronous methods. Tests drive it with the real directory actor; nothing
+here imports Ray.
+
+Write-once-read-anywhere is enforced here: a put claims its keys in the
+directory first and stores only what it won; a get that misses locally asks
+the directory where the blocks are and pulls them from a peer over the data
+plane, keeping a local replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kvfabric.config import KVFabricConfig
+from kvfabric.errors import InvalidArgument, KVFabricError, Unavailable
+from kvfabric.node.changes import ChangeKind, NodeChange
+from kvfabric.node.core import NodeStoreCore
+from kvfabric.node.results import MoveResult, NodeStats, PinResult
+from kvfabric.transfer import make_transport
+from kvfabric.types import BlockKey, BlockType, Tier, as_block_hash
+
+log = logging.getLogger(__name__)
+
+
+class DirectoryPort(Protocol):
+    """What a node needs from the directory (synchronous; the shell adds timeouts)."""
+
+    def register_node(self, node_id: str, address: str, tiers: list[int]) -> None: ...
+    def claim_many(
+        self, node_id: str, writer_id: str, items: list[tuple[BlockKey, int]]
+    ) -> list[str]: ...
+    def commit_many(
+        self, node_id: str, writer_id: str, changes: list[NodeChange]
+    ) -> list[bool]: ...
+    def abort_many(self, node_id: str, writer_id: str, keys: list[BlockKey]) -> None: ...
+    def apply_changes(self, node_id: str, changes: list[NodeChange]) -> None: ...
+    def reconcile(self, node_id: str, inventory: list[NodeChange]) -> list[BlockKey]: ...
+    def locate(
+        self, keys: list[BlockKey], prefer_node: str
+    ) -> list[list[tuple[str, str, int, int]]]: ...
+    def replicate(self, keys: list[BlockKey]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PutOutcome:
+    """Per block: stored here, already stored somewhere, or being written by another writer."""
+
+    key: BlockKey
+    status: str  # "stored" | "exists" | "pending"
+
+
+class NodeStoreService:
+    """A node store that takes part in the cluster."""
+
+    def __init__(
+        self,
+        node_id: str,
+        config: KVFabricConfig,
+        directory: DirectoryPort | None = None,
+        *,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.node_id = node_id
+        self.config = config
+        self.core = NodeStoreCore(config)
+        self.directory = directory
+        self.transport = make_transport(config.transport)
+        self.address = self.transport.serve(self.core, config.data_host or host)
+        self._sync_lock = threading.RLock()  # re-entered when a rejoin happens mid-sync
+        self.ready = directory is None
+        if directory is not None:
+            self.join()
+
+    # -- membership ---------------------------------------------------------------------
+    def join(self) -> None:
+        """Register with the directory and reconcile this node's inventory with it."""
+        assert self.directory is not None
+        self.directory.register_node(self.node_id, self.address, [int(t) for t in self.core.tiers])
+        self.resync()
+
+    def resync(self) -> int:
+        """Send the full inventory; drop local copies the directory says are wrong."""
+        if self.directory is None:
+            return 0
+        with self._sync_lock:
+            self.core.changes.drain()
+            inventory = [self._as_change(m) for m in self.core.inventory()]
+            bad = self.directory.reconcile(self.node_id, inventory)
+        if bad:
+            log.warning("dropping %d local blocks that disagree with the directory", len(bad))
+            self.core.evict([k for k in bad if not (m := self.core.meta(k)) or not m.pinned])
+            self._sync()
+        return len(inventory)
+
+    def mark_ready(self) -> None:
+        """Called once the directory has pushed what a new node should hold."""
+        self.ready = True
+
+    def info(self) -> dict[str, Any]:
+        """Identity, address, tiers and readiness of this node."""
+        return {
+            "node_id": self.node_id,
+            "address": self.address,
+            "transport": self.transport.name,
+            "tiers": [t.name for t in self.core.tier_list()],
+            "ready": self.ready,
+        }
+
+    # -- data ---------------------------------------------------------------------------
+    def put(
+        self,
+        namespace: str,
+        hashes: Sequence[bytes],
+        datas: Sequence[bytes],
+        *,
+        block_type: BlockType = BlockType.GENERIC,
+        program_id: str | None = None,
+    ) -> list[PutOutcome]:
+        """Store blocks this node computed, claiming each key first (write once)."""
+        keys = self._keys(namespace, hashes)
+        if len(keys) != len(datas):
+            raise InvalidArgument(f"{len(keys)} hashes but {len(datas)} blocks", "datas")
+        if keys:
+            self._ensure_namespace(namespace, len(datas[0]))
+        self.core.check_blocks(keys, datas)  # before any claim: bad input changes nothing
+        if self.directory is None:
+            results = self.core.put_many(keys, datas, block_type=block_type, program_id=program_id)
+            return [PutOutcome(r.key, "stored" if r.stored else "exists") for r in results]
+        writer = f"{self.node_id[:16]}:{uuid.uuid4().hex[:16]}"  # one writer per put call
+        claims = self.directory.claim_many(
+            self.node_id, writer, [(k, len(d)) for k, d in zip(keys, datas, strict=True)]
+        )
+        won = [i for i, c in enumerate(claims) if c == "granted"]
+        outcomes = [PutOutcome(k, "exists" if c == "committed" else "pending")
+                    for k, c in zip(keys, claims, strict=True)]  # fmt: skip
+        if not won:
+            return outcomes
+        try:
+            results = self.core.put_many(
+                [keys[i] for i in won], [datas[i] for i in won],
+                block_type=block_type, program_id=program_id,
+            )  # fmt: skip
+        except BaseException:
+            self.directory.abort_many(self.node_id, writer, [keys[i] for i in won])
+            raise
+        metas = [self.core.meta(r.key) for r in results if r.stored]
+        commits = [self._as_change(m) for m in metas if m is not None]
+        ok = self.directory.commit_many(self.node_id, writer, commits)
+        unstored = [r.key for r in results if not r.stored]
+        if unstored:  # stored meanwhile by a local writer: release this writer's claims
+            self.directory.abort_many(self.node_id, writer, unstored)
+        self._sync()
+        position = {k: i for i, k in enumerate(keys)}
+        for c, committed in zip(commits, ok, strict=True):
+            outcomes[position[c.key]] = PutOutcome(c.key, "stored" if committed else "exists")
+        if block_type in self.config.replicated_types:
+            self.directory.replicate([c.key for c in commits])
+        return outcomes
+
+    def get(self, namespace: str, hashes: Sequence[bytes]) -> list[bytes | None]:
+        """The verified bytes of each block, pulled from a peer when not held here."""
+        keys = self._keys(namespace, hashes)
+        out: list[bytes | None] = [self._local(k) for k in keys]
+        missing = [k for k, o in zip(keys, out, strict=True) if o is None]
+        if missing and self.directory is not None:
+            self.pull_missing(missing)
+            for i, k in enumerate(keys):
+                if out[i] is None:
+                    out[i] = self._local(k)
+        return out
+
+    def pull_missing(self, keys: Sequence[BlockKey]) -> int:
+        """Fetch ``keys`` from the best replicas elsewhere; returns how many arrived."""
+        if self.directory is None or not keys:
+            return 0
+        locations = self.directory.locate(list(keys), self.node_id)
+        todo = {k: [loc for loc in locs if loc[0] != self.node_id]
+                for k, locs in zip(keys, locations, strict=True)}  # fmt: skip
+        arrived = 0
+        for _attempt in range(3):  # next replica on a peer failure or a corrupt copy
+            by_peer: dict[str, list[BlockKey]] = {}
+            for k, locs in todo.items():
+                if locs:
+                    _node, address, _tier, size = locs.pop(0)
+                    self._ensure_namespace(k.namespace, size)
+                    by_peer.setdefault(address, []).append(k)
+            if not by_peer:
+                break
+            failed: set[BlockKey] = set()
+            for address, peer_keys in by_peer.items():
+                try:
+                    res = self.transport.fetch(
+                        address, peer_keys, self.core, timeout_s=self.config.rpc_timeout_s
+                    )
+                except (Unavailable, OSError) as exc:
+                    log.warning(
+                        "fetch of %d blocks from %s failed: %s", len(peer_keys), address, exc
+                    )
+                    failed.update(peer_keys)
+                    continue
+                arrived += len(res.fetched)
+                failed.update(res.missing)
+                failed.update(res.corrupt)
+            todo = {k: v for k, v in todo.items() if k in failed}
+        self._sync()
+        return arrived
+
+    def pull_from(self, address: str, namespace: str, hashes: Sequence[bytes], size: int) -> int:
+        """Copy blocks from the peer at ``address`` (used by the replication planner)."""
+        keys = self._keys(namespace, hashes)
+        self._ensure_namespace(namespace, size)
+        res = self.transport.fetch(address, keys, self.core, timeout_s=self.config.rpc_timeout_s)
+        self._sync()
+        return len(res.fetched) + len(res.already_present)
+
+    def lookup_local(self, namespace: str, hashes: Sequence[bytes]) -> tuple[int, list[int]]:
+        """Longest prefix held on this node and the tier of each block."""
+        res = self.core.lookup(namespace, [as_block_hash(h, "hashes") for h in hashes])
+        return res.matched, [int(t) for t in res.tiers]
+
+    # -- control ------------------------------------------------------------------------
+    def pin(self, namespace: str, hashes: Sequence[bytes], owner: str,
+            ttl_s: float | None = None) -> PinResult:  # fmt: skip
+        """Pin the blocks held here."""
+        try:
+            return self.core.pin(self._keys(namespace, hashes), owner, ttl_s)
+        finally:
+            self._sync()
+
+    def unpin(self, namespace: str, hashes: Sequence[bytes], owner: str) -> int:
+        """Drop ``owner``'s pins."""
+        try:
+            return self.core.unpin(self._keys(namespace, hashes), owner)
+        finally:
+            self._sync()
+
+    def evict(self, namespace: str, hashes: Sequence[bytes]) -> int:
+        """Remove blocks from this node (refused if any is pinned)."""
+        try:
+            return self.core.evict(self._keys(namespace, hashes))
+        finally:
+            self._sync()
+
+    def move(self, namespace: str, hashes: Sequence[bytes], tier: int) -> MoveResult:
+        """Move blocks between this node's tiers."""
+        try:
+            return self.core.move(self._keys(namespace, hashes), _tier(tier))
+        finally:
+            self._sync()
+
+    def prefetch(
+        self, namespace: str, hashes: Sequence[bytes], tier: int | None = None
+    ) -> MoveResult:
+        """Promote blocks here, pulling from peers what this node does not hold."""
+        keys = self._keys(namespace, hashes)
+        absent = [k for k, t in zip(keys, self.core.contains(keys), strict=True) if t is None]
+        self.pull_missing(absent)
+        try:
+            return self.core.prefetch(keys, None if tier is None else _tier(tier))
+        finally:
+            self._sync()
+
+    def stats(self) -> NodeStats:
+        """The core's statistics."""
+        return self.core.stats()
+
+    def ping(self) -> str:
+        """Liveness check for the directory."""
+        return self.node_id
+
+    def close(self) -> None:
+        """Stop serving and release the tiers."""
+        self.transport.close()
+        self.core.close()
+
+    # -- internals ----------------------------------------------------------------------
+    def _sync(self) -> None:
+        """Report the core's changes to the directory (in order, under one lock)."""
+        if self.directory is None:
+            self.core.changes.drain()
+            return
+        with self._sync_lock:
+            changes, lost = self.core.changes.drain()
+            if changes:
+                self.directory.apply_changes(self.node_id, changes)
+        if lost:
+            self.resync()
+
+    def _local(self, key: BlockKey) -> bytes | None:
+        try:
+            return self.core.get(key)
+        except KVFabricError:
+            return None  # unknown namespace here: a miss
+
+    def _ensure_namespace(self, namespace: str, size: int) -> None:
+        try:
+            self.core.namespace(namespace)
+        except KVFabricError:
+            self.core.register_namespace(namespace, size)
+
+    @staticmethod
+    def _keys(namespace: str, hashes: Sequence[bytes]) -> list[BlockKey]:
+        if isinstance(hashes, (bytes, str)):
+            raise InvalidArgument("hashes must be a list of 32-byte hashes", "hashes")
+        return [BlockKey(namespace, as_block_hash(h, "hashes")) for h in hashes]
+
+    @staticmethod
+    def _as_change(meta: Any) -> NodeChange:
+        pins = sum(p.count for p in meta.pins.values())
+        return NodeChange(
+            ChangeKind.STORED, meta.key, meta.tier, meta.size, meta.checksum, meta.type,
+            meta.program_id, pins,
+        )  # fmt: skip
+
+
+def _tier(value: int) -> Tier:
+    try:
+        return Tier(int(value))
+    except (ValueError, TypeError):
+        raise InvalidArgument(
+            f"unknown tier {value!r}; tiers are 0 GPU, 1 CPU, 2 DISK", "tier"
+        ) from None
