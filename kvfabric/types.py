@@ -129,6 +129,7 @@ class BlockMeta:
     last_access: float = 0.0
     access_count: int = 0
     pins: dict[str, Pin] = field(default_factory=dict)
+    expires_at: float | None = None  # a block TTL (Annotate): dropped once past, unless pinned
 
     @property
     def pinned(self) -> bool:

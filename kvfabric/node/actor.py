@@ -97,6 +97,17 @@ class RayDirectoryPort:
     ) -> list[list[tuple[str, str, int, int]]]:
         return list(self._call("locate", keys, prefer_node))
 
+    def lookup(
+        self, namespace: str, hashes: list[bytes], prefer_node: str | None
+    ) -> dict[str, Any]:
+        return dict(self._call("lookup", namespace, hashes, prefer_node))
+
+    def events_since(self, seq: int, limit: int) -> list[Any]:
+        return list(self._call("events_since", seq, limit))
+
+    def fanout(self, keys: list[BlockKey], targets: list[str]) -> int:
+        return int(self._call("fanout", keys, targets))
+
     def replicate(self, keys: list[BlockKey]) -> None:
         self._call("replicate", keys, wait=False)  # the directory copies in the background
 

@@ -23,6 +23,7 @@ class ChangeKind(Enum):
     MOVED = "moved"
     DROPPED = "dropped"
     PINS = "pins"
+    ANNOTATED = "annotated"
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ Invariants kept here (tested in tests/unit/test_node_core.py):
 
 from __future__ import annotations
 
+import heapq
 import logging
 import threading
 import time
@@ -31,6 +32,7 @@ from kvfabric.errors import (
     NotFound,
     ResourceExhausted,
 )
+from kvfabric.hints import ProgramHint
 from kvfabric.node.changes import ChangeFeed, ChangeKind
 from kvfabric.node.leases import ReadLease, WriteReservation
 from kvfabric.node.pins import PinTable
@@ -46,7 +48,15 @@ from kvfabric.node.results import (
 )
 from kvfabric.tiers.base import BlockRecord, TierBackend
 from kvfabric.tiers.policy import make_policy
-from kvfabric.types import BlockHash, BlockKey, BlockMeta, BlockType, Tier, validate_namespace
+from kvfabric.types import (
+    BlockHash,
+    BlockKey,
+    BlockMeta,
+    BlockType,
+    Tier,
+    validate_namespace,
+    validate_program_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +114,7 @@ class NodeStoreCore:
         self._namespaces: dict[str, NamespaceInfo] = {}
         self._inflight: set[BlockKey] = set()
         self.changes = ChangeFeed()
+        self._ttl_heap: list[tuple[float, str, bytes]] = []
         self._lock = threading.RLock()
         self._rebuild()
 
@@ -173,6 +184,7 @@ class NodeStoreCore:
             raise InvalidArgument(
                 f"block_type must be a BlockType, got {block_type!r}", "block_type"
             )
+        validate_program_id(program_id)
         views = [self._check_block(k, d) for k, d in zip(keys, datas, strict=True)]
         with self._lock:
             target = self._present_tier(tier) if tier is not None else None
@@ -307,7 +319,7 @@ class NodeStoreCore:
         hits = [False] * len(keys)
         corrupt: set[int] = set()
         with self._lock:
-            self._expire_pins()
+            self._expire()
             by_tier: dict[Tier, list[int]] = {}
             want: dict[int, int] = {}  # position -> checksum on record in the index
             for i, key in enumerate(keys):
@@ -372,6 +384,7 @@ class NodeStoreCore:
         """The longest prefix of the chain ``hashes`` stored here, with each block's tier."""
         self.namespace(namespace)
         with self._lock:
+            self._expire()
             index = self._index[namespace]
             tiers: list[Tier] = []
             for h in hashes:
@@ -384,6 +397,7 @@ class NodeStoreCore:
     def contains(self, keys: Sequence[BlockKey]) -> list[Tier | None]:
         """The tier holding each key here, or None."""
         with self._lock:
+            self._expire()
             return [None if (m := self._find(k)) is None else m.tier for k in keys]
 
     def meta(self, key: BlockKey) -> BlockMeta | None:
@@ -408,7 +422,7 @@ class NodeStoreCore:
     def pin(self, keys: Sequence[BlockKey], owner: str, ttl_s: float | None = None) -> PinResult:
         """Pin the present blocks of ``keys`` for ``owner``; absent ones are reported."""
         with self._lock:
-            self._expire_pins()
+            self._expire()
             present, missing = self._split(keys)
             new_bytes = self.pins.pin(present, owner, ttl_s, self.clock())
             for m in present:
@@ -424,17 +438,71 @@ class NodeStoreCore:
                 self.changes.record(ChangeKind.PINS, m)
             return released
 
-    def _expire_pins(self) -> None:
+    def _expire(self) -> None:
+        """End expired pins and drop blocks whose TTL has passed."""
+        self._expire_blocks()
         ended = self.pins.expire(self.clock(), lambda ns, h: self._index.get(ns, {}).get(h))
         self.counters.pins_expired += len(ended)
         for meta in ended:
             self.changes.record(ChangeKind.PINS, meta)
 
+    # -- annotations and hints ----------------------------------------------------------
+    def annotate(
+        self,
+        keys: Sequence[BlockKey],
+        *,
+        block_type: BlockType | None = None,
+        program_id: str | None = None,
+        ttl_s: float | None = None,
+    ) -> int:
+        """Set the semantic type, program and/or TTL of stored blocks; returns how many."""
+        if block_type is not None and not isinstance(block_type, BlockType):
+            raise InvalidArgument(
+                f"block_type must be a BlockType, got {block_type!r}", "block_type"
+            )
+        validate_program_id(program_id)
+        if ttl_s is not None and not (
+            isinstance(ttl_s, (int, float)) and 0 < ttl_s <= self.config.max_pin_ttl_s
+        ):
+            raise InvalidArgument(
+                f"ttl_s={ttl_s!r} is outside (0, {self.config.max_pin_ttl_s}] seconds", "ttl_s"
+            )
+        with self._lock:
+            present, _ = self._split(keys)
+            now = self.clock()
+            for meta in present:
+                if block_type is not None:
+                    meta.type = block_type
+                if program_id is not None:
+                    meta.program_id = program_id
+                if ttl_s is not None:
+                    meta.expires_at = now + ttl_s
+                    heapq.heappush(
+                        self._ttl_heap, (meta.expires_at, meta.key.namespace, meta.key.hash)
+                    )
+                self.changes.record(ChangeKind.ANNOTATED, meta)
+            return len(present)
+
+    def hint(self, hint: ProgramHint) -> None:
+        """Pass a validated program hint to the policy."""
+        with self._lock:
+            self.policy.on_hint(hint)
+
+    def _expire_blocks(self) -> None:
+        now = self.clock()
+        while self._ttl_heap and self._ttl_heap[0][0] <= now:
+            when, ns, digest = heapq.heappop(self._ttl_heap)
+            meta = self._index.get(ns, {}).get(digest)
+            if meta is None or meta.expires_at != when or meta.pinned:
+                continue  # gone, re-annotated, or held by a pin (expires when unpinned)
+            self._drop(meta)
+            self.counters.evictions += 1
+
     # -- evict, move, prefetch ----------------------------------------------------------
     def evict(self, keys: Sequence[BlockKey]) -> int:
         """Remove blocks from this node; refused whole if any of them is pinned."""
         with self._lock:
-            self._expire_pins()
+            self._expire()
             present, _ = self._split(keys)
             pinned = [m for m in present if m.pinned]
             if pinned:
@@ -484,7 +552,7 @@ class NodeStoreCore:
         verifies the checksums; the lease counts as an access of each block.
         """
         with self._lock:
-            self._expire_pins()
+            self._expire()
             metas = [self._find(k) for k in keys]
             by_tier: dict[Tier, list[int]] = {}
             for i, m in enumerate(metas):
@@ -528,7 +596,7 @@ class NodeStoreCore:
         for r in records:
             self._check_record(r)
         with self._lock:
-            self._expire_pins()
+            self._expire()
             todo = [r for r in records if self._find(r.key) is None and r.key not in self._inflight]
             todo = list({r.key: r for r in todo}.values())
             present = [r.key for r in records if r.key not in {t.key for t in todo}]
@@ -733,7 +801,7 @@ class NodeStoreCore:
     def stats(self) -> NodeStats:
         """A consistent snapshot of occupancy, counters and pins."""
         with self._lock:
-            self._expire_pins()
+            self._expire()
             per_tier = dict.fromkeys(self.tiers, 0)
             by_type: dict[str, int] = {}
             pinned_blocks = 0

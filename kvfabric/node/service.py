@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kvfabric.config import KVFabricConfig
-from kvfabric.errors import InvalidArgument, KVFabricError, Unavailable
+from kvfabric.errors import FailedPrecondition, InvalidArgument, KVFabricError, Unavailable
+from kvfabric.hints import HintKind, ProgramHint
 from kvfabric.node.changes import ChangeKind, NodeChange
 from kvfabric.node.core import NodeStoreCore
 from kvfabric.node.results import MoveResult, NodeStats, PinResult
@@ -49,6 +50,11 @@ class DirectoryPort(Protocol):
         self, keys: list[BlockKey], prefer_node: str
     ) -> list[list[tuple[str, str, int, int]]]: ...
     def replicate(self, keys: list[BlockKey]) -> None: ...
+    def lookup(
+        self, namespace: str, hashes: list[bytes], prefer_node: str | None
+    ) -> dict[str, Any]: ...
+    def events_since(self, seq: int, limit: int) -> list[Any]: ...
+    def fanout(self, keys: list[BlockKey], targets: list[str]) -> int: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +229,18 @@ class NodeStoreService:
         self._sync()
         return len(res.fetched) + len(res.already_present)
 
+    def lookup(self, namespace: str, hashes: Sequence[bytes]) -> dict[str, Any]:
+        """Longest prefix stored anywhere in the cluster (here only when standalone).
+
+        Returns ``matched`` and, per matched block, ``(node_id, data-plane address, tier)``.
+        """
+        keys = self._keys(namespace, hashes)
+        if self.directory is None:
+            matched, tiers = self.lookup_local(namespace, [k.hash for k in keys])
+            return {"matched": matched,
+                    "locations": [(self.node_id, self.address, t) for t in tiers]}  # fmt: skip
+        return self.directory.lookup(namespace, [k.hash for k in keys], self.node_id)
+
     def lookup_local(self, namespace: str, hashes: Sequence[bytes]) -> tuple[int, list[int]]:
         """Longest prefix held on this node and the tier of each block."""
         res = self.core.lookup(namespace, [as_block_hash(h, "hashes") for h in hashes])
@@ -269,6 +287,65 @@ class NodeStoreService:
             return self.core.prefetch(keys, None if tier is None else _tier(tier))
         finally:
             self._sync()
+
+    def move_to_node(self, namespace: str, hashes: Sequence[bytes], node_id: str) -> int:
+        """Copy blocks to another node, then drop the local copies that are not pinned."""
+        if self.directory is None:
+            raise FailedPrecondition(
+                "moving to another node needs the cluster directory", "node_id"
+            )
+        keys = self._keys(namespace, hashes)
+        if node_id == self.node_id:
+            return 0
+        copied = self.directory.fanout(keys, [node_id])
+        present = [k for k, t in zip(keys, self.core.contains(keys), strict=True) if t is not None]
+        unpinned = [k for k in present if (m := self.core.meta(k)) is not None and not m.pinned]
+        self.evict(namespace, [k.hash for k in unpinned])
+        return copied
+
+    def annotate(
+        self,
+        namespace: str,
+        hashes: Sequence[bytes],
+        *,
+        block_type: BlockType | None = None,
+        program_id: str | None = None,
+        ttl_s: float | None = None,
+    ) -> int:
+        """Set the type, program and/or TTL of blocks held here; returns how many."""
+        try:
+            return self.core.annotate(
+                self._keys(namespace, hashes), block_type=block_type, program_id=program_id,
+                ttl_s=ttl_s,
+            )  # fmt: skip
+        finally:
+            self._sync()
+
+    def hint(self, hint: ProgramHint) -> dict[str, Any]:
+        """Apply a program hint: the policy learns it; a fork copies its prefix to the targets."""
+        self.core.hint(hint)
+        copied = 0
+        if hint.kind == HintKind.FORK and hint.targets and hint.hashes:
+            if self.directory is None:
+                raise FailedPrecondition(
+                    "a fork to other nodes needs the cluster directory", "targets"
+                )
+            keys = [BlockKey(hint.namespace, h) for h in hint.hashes]
+            copied = self.directory.fanout(keys, list(hint.targets))
+        return {"accepted": True, "copied": copied}
+
+    def events_since(self, seq: int, limit: int = 1000) -> list[Any]:
+        """Directory events after ``seq`` (FailedPrecondition when standalone)."""
+        if self.directory is None:
+            raise FailedPrecondition("events come from the cluster directory; none here", "seq")
+        if (
+            not isinstance(seq, int)
+            or seq < 0
+            or not isinstance(limit, int)
+            or not 0 < limit <= 10_000
+        ):
+            raise InvalidArgument("seq must be >= 0 and limit in 1..10000", "seq")
+        return self.directory.events_since(seq, limit)
 
     def stats(self) -> NodeStats:
         """The core's statistics."""

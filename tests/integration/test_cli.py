@@ -61,6 +61,7 @@ def test_doctor_json_as_a_subprocess() -> None:
     assert report["native"]["usable"] and report["tiers"]["disk"]["usable"]
     assert report["tiers"]["gpu"]["usable"] in (True, False)
     assert report["transports"]["tcp"]["usable"]
+    assert report["transports"]["auto"]["detail"] == "'auto' picks tcp"  # no NIXL here
 
 
 def test_up_serves_until_signalled(tmp_path: Path) -> None:

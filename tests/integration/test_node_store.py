@@ -247,3 +247,44 @@ def test_change_feed_reports_what_the_directory_must_learn(store: NodeStoreCore)
     for _ in range(3):
         small.record(ChangeKind.STORED, meta)
     assert small.drain()[1] is True  # overflow tells the shell to resync
+
+
+def test_annotate_sets_type_program_and_ttl(tmp_path: Path) -> None:
+    now = [0.0]
+    store = make_store(tmp_path, clock=lambda: now[0])
+    store.register_namespace(NS, B)
+    store.put_many([key(1), key(2)], [block(1, B), block(2, B)])
+    n = store.annotate([key(1), key(2), key(3)], block_type=BlockType.TOOL_DEFINITION,
+                       program_id="agent-7", ttl_s=5)  # fmt: skip
+    assert n == 2
+    meta = store.meta(key(1))
+    assert meta is not None and meta.type == BlockType.TOOL_DEFINITION
+    assert meta.program_id == "agent-7"
+    store.pin([key(2)], owner="keep")
+    now[0] = 6.0
+    assert store.contains([key(1), key(2)]) == [None, Tier.CPU]  # TTL over; the pin holds key(2)
+    with pytest.raises(InvalidArgument) as err:
+        store.annotate([key(2)], ttl_s=-1)
+    assert err.value.field == "ttl_s"
+    with pytest.raises(InvalidArgument) as err2:
+        store.annotate([key(2)], program_id="x" * 500)
+    assert err2.value.field == "program_id"
+    store.close()
+
+
+def test_program_hints_are_validated() -> None:
+    from kvfabric.hints import HintKind, ProgramHint
+
+    ok = ProgramHint("p1", HintKind.FORK, NS, (key(1).hash,), targets=("n1",), children=3)
+    assert ok.children == 3
+    for bad, field in (
+        (lambda: ProgramHint("", HintKind.STEP_START), "program_id"),
+        (lambda: ProgramHint("p", HintKind.FORK, NS, (b"short",)), "hashes"),
+        (lambda: ProgramHint("p", HintKind.TOOL_CALL_START, expected_duration_s=-1.0),
+         "expected_duration_s"),
+        (lambda: ProgramHint("p", HintKind.JOIN, step=-2), "step"),
+        (lambda: ProgramHint("p", "fork"), "kind"),  # type: ignore[arg-type]
+    ):  # fmt: skip
+        with pytest.raises(InvalidArgument) as err:
+            bad()
+        assert err.value.field == field
