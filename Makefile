@@ -17,7 +17,7 @@ CORE := kvfabric/types.py kvfabric/errors.py kvfabric/config.py kvfabric/integri
         kvfabric/hashing kvfabric/tiers kvfabric/node kvfabric/directory kvfabric/cluster.py \
         kvfabric/transfer
 
-.PHONY: install install-test run test lint unit clean
+.PHONY: install install-test run test lint unit clean proto
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,3 +49,8 @@ unit: install-test
 
 clean:
 	rm -rf $(VENV) build *.egg-info kvfabric/*.so .pytest_cache .mypy_cache .ruff_cache
+
+# Regenerate the checked-in gRPC stubs (a test fails when they are stale).
+proto: install-test
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --grpc_python_out=. --pyi_out=. \
+		proto/kvfabric/rpc/v1/kvfabric.proto

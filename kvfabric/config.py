@@ -105,6 +105,40 @@ class KVFabricConfig:
         default=10_000, metadata=_bounded(10, 1 << 30, "events", "events between snapshots")
     )
 
+    rpc_host: str = field(default="127.0.0.1", metadata={"doc": "address the gRPC API listens on"})
+    rpc_port: int = field(
+        default=0, metadata=_bounded(0, 65535, "", "gRPC port (0: any free port)")
+    )
+    rpc_workers: int = field(default=16, metadata=_bounded(1, 1024, "threads", "gRPC worker pool"))
+    rpc_max_concurrent: int = field(
+        default=64, metadata=_bounded(1, 100_000, "calls", "concurrent gRPC calls (and streams)")
+    )
+    rpc_max_chain: int = field(
+        default=4096, metadata=_bounded(1, 1 << 20, "hashes", "hashes in one gRPC call")
+    )
+    rpc_chunk_bytes: int = field(
+        default=1 * MiB, metadata=_bounded(4 * KiB, 64 * MiB, "bytes", "streamed chunk size")
+    )
+    rpc_max_message_bytes: int = field(
+        default=8 * MiB, metadata=_bounded(64 * KiB, 1 * GiB, "bytes", "largest gRPC message")
+    )
+    rpc_max_deadline_s: float = field(
+        default=600.0, metadata=_bounded(0.1, 86400.0, "seconds", "longest call the server runs")
+    )
+    auth_token: str = field(
+        default="",
+        metadata={"doc": "bearer token for every namespace (empty: auth off)", "secret": True},
+    )
+    auth_tokens_file: str = field(
+        default="", metadata={"doc": "JSON file: token -> list of namespaces or '*'"}
+    )
+    auth_reads: bool = field(default=False, metadata={"doc": "reads need a token too"})
+    tls_cert_file: str = field(default="", metadata={"doc": "server certificate (PEM): TLS on"})
+    tls_key_file: str = field(default="", metadata={"doc": "server private key (PEM)"})
+    tls_client_ca_file: str = field(
+        default="", metadata={"doc": "CA of client certificates (PEM): mutual TLS"}
+    )
+
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
@@ -128,6 +162,12 @@ class KVFabricConfig:
                 f"cpu_slab_bytes={self.cpu_slab_bytes} (a block lives in one slab)",
                 "max_block_bytes",
             )
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError(
+                "config fields tls_cert_file and tls_key_file must be set together", "tls_key_file"
+            )
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ConfigError("tls_client_ca_file needs tls_cert_file", "tls_client_ca_file")
         if self.transport not in ("auto", "tcp", "nixl"):
             raise ConfigError(
                 f"config field transport={self.transport!r} must be auto, tcp or nixl", "transport"
@@ -174,8 +214,12 @@ class KVFabricConfig:
         return load_config(overrides=changes, base=self, env={})
 
     def describe(self) -> dict[str, Any]:
-        """Field → value, for `kvfabric doctor` and status output."""
-        return dataclasses.asdict(self)
+        """Field → value, for `kvfabric doctor` and status output; secrets are redacted."""
+        out = dataclasses.asdict(self)
+        for f in fields(self):
+            if f.metadata.get("secret") and out[f.name]:
+                out[f.name] = "<redacted>"
+        return out
 
 
 def _coerce(name: str, kind: type, raw: Any) -> Any:
