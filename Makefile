@@ -15,7 +15,7 @@ export PYTHONHASHSEED := random
 # Strict-typed pure core (no Ray/gRPC inside).
 CORE := kvfabric/types.py kvfabric/errors.py kvfabric/config.py kvfabric/integrity.py \
         kvfabric/hashing kvfabric/tiers kvfabric/node kvfabric/directory kvfabric/cluster.py \
-        kvfabric/transfer
+        kvfabric/transfer kvfabric/bench kvfabric/localray.py kvfabric/hints.py
 
 .PHONY: install install-test run test lint unit clean proto
 

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from typing import Any
 
 from kvfabric.bench.rawtcp import raw_loopback_gbps
 from kvfabric.config import MiB, load_config
+from kvfabric.localray import private_ray_cluster
 from kvfabric.node.changes import ChangeKind, NodeChange
 from kvfabric.types import BlockHash, BlockKey, BlockType, Tier
 
@@ -43,24 +42,14 @@ def _percentile(samples: list[float], q: float) -> float:
 def run(*, quick: bool = False, progress: bool = False) -> dict[str, Any]:
     """Run the cluster benchmark on a private 2-node Ray cluster."""
     import ray
-    from ray.cluster_utils import Cluster
 
     from kvfabric import cluster as kv
 
     n_blocks, reps, lookups = (32, 3, 200) if quick else (128, 5, 1000)
     size = 2 * MiB
-    tmp = tempfile.mkdtemp(prefix="kvf-", dir="/tmp")
-    os.makedirs(os.path.join(tmp, "ray"))
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_AUTH_MODE")}
-    os.environ.update(
-        {"RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "disabled",
-         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    )  # fmt: skip
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    c.add_node(num_cpus=1)
     out: dict[str, Any] = {"benchmark": "cluster", "quick": quick, "block_bytes": size}
-    try:
-        ray.init(address=c.address, namespace=kv.NAMESPACE, log_to_driver=False)
+    with private_ray_cluster(2) as local:
+        c, tmp = local.cluster, local.tmp
         arena = (n_blocks * 2 + 64) * MiB
         config = load_config(
             overrides={"data_dir": os.path.join(tmp, "data"), "cpu_arena_bytes": arena,
@@ -122,16 +111,4 @@ def run(*, quick: bool = False, progress: bool = False) -> dict[str, Any]:
             echo.append(time.perf_counter() - t0)
         out["actor_echo_p50_us"] = statistics.median(echo) * 1e6
         out["goal_transfer_vs_tcp"] = 0.7
-    finally:
-        try:
-            kv.down()
-        finally:
-            ray.shutdown()
-            c.shutdown()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            shutil.rmtree(tmp, ignore_errors=True)
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}

@@ -144,7 +144,7 @@ def _disk(store: NodeStoreCore, workdir: str, n: int, reps: int, out: dict[str, 
     def raw_write() -> None:
         with open(raw_path, "wb", buffering=0) as fh:
             for s in srcs:
-                fh.write(memoryview(s))
+                fh.write(s.data)
             os.fsync(fh.fileno())
 
     def lmdb_write() -> None:
@@ -163,7 +163,7 @@ def _disk(store: NodeStoreCore, workdir: str, n: int, reps: int, out: dict[str, 
     def raw_read() -> None:
         with open(raw_path, "rb", buffering=0) as fh:
             for d in dsts:
-                fh.readinto(memoryview(d))
+                fh.readinto(d.data)
 
     def lmdb_read() -> None:
         hits = store.get_into(keys, dsts, promote=False)
@@ -248,13 +248,14 @@ def run(*, quick: bool = False, progress: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="kvfabric-bench-") as workdir:
         store = _store(workdir, arena=(n_cpu * 2 + 80) * MiB, disk=(n_disk * 4 + 256) * MiB)
         try:
-            for name, step in (
+            steps: tuple[tuple[str, Callable[[], None]], ...] = (
                 ("cpu", lambda: _cpu(store, n_cpu, reps, out)),
                 ("cpu_many", lambda: _cpu_many(store, reps, out)),
                 ("disk", lambda: _disk(store, workdir, n_disk, reps, out)),
                 ("lookup", lambda: _lookup(store, out)),
                 ("native", lambda: _native(out, reps)),
-            ):
+            )
+            for name, step in steps:
                 if progress:
                     print(f"… {name}", flush=True)
                 step()

@@ -47,7 +47,7 @@ def test_corrupt_device_bytes_are_a_miss(tmp_path: Path) -> None:
     store = _gpu_store(tmp_path)
     store.put(key(1), block(1, B), tier=Tier.GPU)
     gpu = store.tiers[Tier.GPU]
-    off, _ = gpu._published[key(1)]  # type: ignore[attr-defined]
+    off = gpu.slot_offset(key(1))  # type: ignore[attr-defined]
     gpu.memory[off + 5] ^= 0xFF  # type: ignore[attr-defined]
     assert store.get(key(1)) is None
     assert store.stats().counters.checksum_failures == 1

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,11 +17,11 @@ from typing import Any
 import pytest
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
 
 from kvfabric import cluster as kvcluster  # noqa: E402
 from kvfabric.config import KVFabricConfig, load_config  # noqa: E402
 from kvfabric.errors import InvalidArgument, NotFound  # noqa: E402
+from kvfabric.localray import private_ray_cluster  # noqa: E402
 from kvfabric.types import BlockKey, BlockType  # noqa: E402
 
 NS = "ns-cluster"
@@ -71,42 +69,19 @@ def replicas(fab: Fabric, hashes: list[bytes]) -> list[set[str]]:
 
 @pytest.fixture(scope="module")
 def fab() -> Iterator[Fabric]:
-    tmp = tempfile.mkdtemp(prefix="kvf-", dir="/tmp")  # short: Ray's socket paths are limited
-    os.makedirs(os.path.join(tmp, "ray"))
-    saved = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_AUTH_MODE")}
-    os.environ.update(
-        {"RAY_TMPDIR": tmp, "RAY_AUTH_MODE": "disabled",
-         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-    )  # fmt: skip
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"node_a": 1}})
-    c.add_node(num_cpus=1, resources={"node_b": 1})
-    c.add_node(num_cpus=1, resources={"node_c": 1})
-    ray.init(address=c.address, namespace="kvfabric", log_to_driver=False)
-    config = load_config(
-        overrides={
-            "data_dir": os.path.join(tmp, "data"),
-            "cpu_arena_bytes": "8MiB", "cpu_slab_bytes": "1MiB", "max_block_bytes": "1MiB",
-            "disk_bytes": "64MiB", "cpu_prefault": False, "node_check_interval_s": 0.2,
-            "claim_timeout_s": 3, "rpc_timeout_s": 30, "join_push_blocks": 64,
-        },
-        env={},
-    )  # fmt: skip
-    kvcluster.up(config, c.address, timeout_s=120)
-    ids = [n.node_id for n in c.list_all_nodes()]
-    try:
-        yield Fabric(c, config, ids)
-    finally:
-        try:
-            kvcluster.down()
-        finally:
-            ray.shutdown()
-            c.shutdown()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-            shutil.rmtree(tmp, ignore_errors=True)
+    resources = [{"node_a": 1}, {"node_b": 1}, {"node_c": 1}]
+    with private_ray_cluster(3, resources=resources) as local:
+        config = load_config(
+            overrides={
+                "data_dir": os.path.join(local.tmp, "data"),
+                "cpu_arena_bytes": "8MiB", "cpu_slab_bytes": "1MiB", "max_block_bytes": "1MiB",
+                "disk_bytes": "64MiB", "cpu_prefault": False, "node_check_interval_s": 0.2,
+                "claim_timeout_s": 3, "rpc_timeout_s": 30, "join_push_blocks": 64,
+            },
+            env={},
+        )  # fmt: skip
+        kvcluster.up(config, local.cluster.address, timeout_s=120)
+        yield Fabric(local.cluster, config, [n.node_id for n in local.cluster.list_all_nodes()])
 
 
 def test_put_on_a_read_on_c_without_recompute(fab: Fabric) -> None:
