@@ -21,3 +21,4 @@ def _cluster(**kw: Any) -> dict[str, Any]:
 
 
 BENCHMARKS: dict[str, Runner] = {"tiers": _tiers, "cluster": _cluster}
+BENCHMARKS["rpc"] = lambda **kw: __import__("kvfabric.bench.rpc", fromlist=["run"]).run(**kw)

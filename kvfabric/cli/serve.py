@@ -16,7 +16,6 @@ from typing import Any
 import typer
 
 from kvfabric.config import KVFabricConfig
-from kvfabric.node.core import NodeStoreCore
 from kvfabric.node.results import NodeStats
 
 log = logging.getLogger(__name__)
@@ -40,11 +39,16 @@ def status_line(stats: NodeStats) -> str:
 
 
 def serve_forever(config: KVFabricConfig, *, once: bool = False) -> None:
-    """Run the node store in this process until SIGINT/SIGTERM."""
+    """Run one node store with its gRPC API in this process until SIGINT/SIGTERM."""
+    from kvfabric.node.service import NodeStoreService
+    from kvfabric.rpc.server import start_server
+
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    store = NodeStoreCore(config)
+    service = NodeStoreService("standalone", config)
+    store = service.core
+    rpc = start_server(service, config)
     stop = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:
@@ -54,7 +58,8 @@ def serve_forever(config: KVFabricConfig, *, once: bool = False) -> None:
     signal.signal(signal.SIGTERM, _stop)
     typer.echo(
         f"kvfabric: node store ready (data under {config.data_dir}, tiers "
-        f"{', '.join(t.name for t in store.tier_list())}); Ctrl-C to stop"
+        f"{', '.join(t.name for t in store.tier_list())}); gRPC API at {rpc.address}, "
+        f"data plane at {service.address}; Ctrl-C to stop"
     )
     try:
         while True:
@@ -62,7 +67,8 @@ def serve_forever(config: KVFabricConfig, *, once: bool = False) -> None:
             if once or stop.wait(config.status_interval_s):
                 break
     finally:
-        store.close()
+        rpc.stop()
+        service.close()
         typer.echo("kvfabric: stopped")
 
 
@@ -80,7 +86,7 @@ def cluster_status() -> dict[str, Any]:
         info = ray.get(handle.info.remote(), timeout=30)
         stats = ray.get(handle.stats.remote(), timeout=30)
         nodes[node_id] = {**info, "stats": dataclasses.asdict(stats)}
-        lines.append(f"node {node_id[:12]} {info['address']} ready={info['ready']} | "
+        lines.append(f"node {node_id[:12]} grpc {info['rpc_address']} ready={info['ready']} | "
                      + status_line(stats))  # fmt: skip
     return {"seq": seq, "nodes": nodes, "lines": lines}
 
@@ -100,8 +106,9 @@ def serve_cluster(
     started = cluster.up(config, address)
     typer.echo(f"kvfabric: fabric up on Ray at {started['ray_address']}")
     for node_id, info in sorted(started["nodes"].items()):
-        typer.echo(f"kvfabric: NodeStore {node_id[:12]} serving blocks at {info['address']} "
-                   f"({info['transport']}, tiers {', '.join(info['tiers'])})")  # fmt: skip
+        typer.echo(f"kvfabric: NodeStore {node_id[:12]} gRPC API at {info['rpc_address']}, "
+                   f"blocks at {info['address']} ({info['transport']}, "
+                   f"tiers {', '.join(info['tiers'])})")  # fmt: skip
     if detach:
         return
     try:

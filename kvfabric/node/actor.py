@@ -121,6 +121,15 @@ class NodeStoreActorImpl(NodeStoreService):
         host = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
         super().__init__(node_id, config.for_node(node_id), port, host=host)
         port.rejoin = self.join
+        from kvfabric.rpc.server import start_server
+
+        self.rpc = start_server(self, self.config)
+        self.rpc_address = self.rpc.address
+
+    def close(self) -> None:
+        """Stop the gRPC API, then the data plane and the tiers."""
+        self.rpc.stop()
+        super().close()
 
 
 NodeStoreActor = ray.remote(NodeStoreActorImpl)

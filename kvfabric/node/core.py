@@ -535,13 +535,15 @@ class NodeStoreCore:
                 if meta.tier == tier or (only_up and meta.tier < tier):
                     unchanged.append(meta.key)
                     continue
+                old_tier = meta.tier
                 try:
                     self._relocate(meta, tier)
                 except Corrupt:
                     corrupt.append(meta.key)
                     continue
                 moved.append(meta.key)
-                self.counters.promotions += tier < meta.tier
+                self.counters.promotions += tier < old_tier
+                self.counters.demotions += tier > old_tier
         return MoveResult(tuple(moved), tuple(unchanged), tuple(missing), tuple(corrupt))
 
     # -- data plane ---------------------------------------------------------------------

@@ -83,6 +83,7 @@ class NodeStoreService:
         self.transport = make_transport(config.transport)
         self.address = self.transport.serve(self.core, config.data_host or host)
         self._sync_lock = threading.RLock()  # re-entered when a rejoin happens mid-sync
+        self.rpc_address: str | None = None  # set by the shell that serves the gRPC API
         self.ready = directory is None
         if directory is not None:
             self.join()
@@ -118,6 +119,7 @@ class NodeStoreService:
             "node_id": self.node_id,
             "address": self.address,
             "transport": self.transport.name,
+            "rpc_address": self.rpc_address,
             "tiers": [t.name for t in self.core.tier_list()],
             "ready": self.ready,
         }

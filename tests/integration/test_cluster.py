@@ -22,7 +22,7 @@ from kvfabric import cluster as kvcluster  # noqa: E402
 from kvfabric.config import KVFabricConfig, load_config  # noqa: E402
 from kvfabric.errors import InvalidArgument, NotFound  # noqa: E402
 from kvfabric.localray import private_ray_cluster  # noqa: E402
-from kvfabric.types import BlockKey, BlockType  # noqa: E402
+from kvfabric.types import BlockKey, BlockType, Tier  # noqa: E402
 
 NS = "ns-cluster"
 B = 64 * 1024
@@ -77,6 +77,8 @@ def fab() -> Iterator[Fabric]:
                 "cpu_arena_bytes": "8MiB", "cpu_slab_bytes": "1MiB", "max_block_bytes": "1MiB",
                 "disk_bytes": "64MiB", "cpu_prefault": False, "node_check_interval_s": 0.2,
                 "claim_timeout_s": 3, "rpc_timeout_s": 30, "join_push_blocks": 64,
+                # the data plane under test; CI runs with whatever "auto" picks there
+                "transport": os.environ.get("KVFABRIC_TRANSPORT", "auto"),
             },
             env={},
         )  # fmt: skip
@@ -230,3 +232,32 @@ def test_many_concurrent_reads_and_writes_stay_consistent(fab: Fabric) -> None:
     for t in threads:
         t.join(timeout=120)
     assert not errors, errors
+
+
+def test_grpc_api_on_every_node(fab: Fabric) -> None:
+    from kvfabric.rpc.client import Client, PutStatus
+
+    infos = [ray.get(fab.node(i).info.remote()) for i in range(3)]
+    assert all(i["rpc_address"] for i in infos)
+    hashes = [h(i, "grpc") for i in range(3)]
+    blocks = [data(i, "grpc") for i in range(3)]
+    with Client(infos[0]["rpc_address"]) as a, Client(infos[2]["rpc_address"]) as c:
+        assert a.health() and c.health()
+        assert a.put(NS, hashes, blocks) == [PutStatus.STORED] * 3
+        found = c.lookup(NS, hashes)  # through C's API, answered by the directory
+        assert found.matched == 3 and {loc.node_id for loc in found.locations} == {
+            infos[0]["node_id"]
+        }
+        assert c.get(NS, hashes) == blocks  # pulled from A by C, then read over C's data plane
+        before = c.stats().counters
+        assert c.pin(NS, hashes[:1], owner="ops").pinned == 1
+        assert c.move(NS, hashes[1:2], tier=Tier.DISK).moved == 1
+        assert c.evict(NS, hashes[2:]) == 1
+        assert c.prefetch(NS, hashes[1:2]).moved == 1
+        stats = c.stats()
+        assert stats.pinned_blocks >= 1
+        assert stats.counters["promotions"] > before["promotions"]
+        assert stats.counters["evictions"] > before["evictions"]
+        assert c.unpin(NS, hashes[:1], owner="ops") == 1
+        events = list(c.watch_events(from_seq=0))
+        assert any(e.kind == "COMMITTED" and e.hash == hashes[0] for e in events)

@@ -122,8 +122,11 @@ def test_move_and_prefetch_verify_and_report(store: NodeStoreCore) -> None:
     res = store.move(keys[:2], Tier.DISK)
     assert set(res.moved) == set(keys[:2])
     assert store.contains(keys) == [Tier.DISK, Tier.DISK, Tier.CPU, Tier.CPU]
+    before = store.stats().counters
     pf = store.prefetch([*keys, key(77)])
     assert set(pf.moved) == set(keys[:2]) and set(pf.unchanged) == set(keys[2:])
+    after = store.stats().counters
+    assert after.promotions - before.promotions == 2 and after.demotions == before.demotions
     assert pf.missing == (key(77),)
     with pytest.raises(FailedPrecondition) as err:
         store.move(keys, Tier.GPU)
