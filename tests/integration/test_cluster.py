@@ -261,3 +261,22 @@ def test_grpc_api_on_every_node(fab: Fabric) -> None:
         assert c.unpin(NS, hashes[:1], owner="ops") == 1
         events = list(c.watch_events(from_seq=0))
         assert any(e.kind == "COMMITTED" and e.hash == hashes[0] for e in events)
+
+
+def test_grpc_fork_hint_annotate_and_move_to_node(fab: Fabric) -> None:
+    from kvfabric.hints import HintKind
+    from kvfabric.rpc.client import Client
+
+    infos = [ray.get(fab.node(i).info.remote()) for i in range(3)]
+    prefix = [h(i, "gfork") for i in range(2)]
+    with Client(infos[0]["rpc_address"]) as a:
+        a.put(NS, prefix, [data(i, "gfork") for i in range(2)])
+        assert a.annotate(NS, prefix, block_type=BlockType.REASONING_BRANCH, program_id="p9") == 2
+        res = a.hint("p9", HintKind.FORK, namespace=NS, hashes=prefix,
+                     targets=[infos[1]["node_id"]], children=2)  # fmt: skip
+        assert res.accepted and res.copied == 2
+        assert ray.get(fab.node(1).lookup_local.remote(NS, prefix))[0] == 2
+        moved = a.move(NS, prefix[:1], node_id=infos[2]["node_id"])
+        assert moved.moved == 1
+    assert ray.get(fab.node(2).lookup_local.remote(NS, prefix[:1]))[0] == 1
+    assert ray.get(fab.node(0).lookup_local.remote(NS, prefix[:1]))[0] == 0  # moved away
