@@ -28,7 +28,7 @@ $(STAMP): $(VENV)/bin/python $(SOURCES_OF_INSTALL)
 	@touch $@
 
 $(TSTAMP): $(STAMP)
-	$(PIP) install -e ".[test]"
+	$(PIP) install -e ".[test,nixl]" "torch==2.13.0"
 	@touch $@
 
 install: $(STAMP)

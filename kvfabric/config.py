@@ -117,7 +117,7 @@ class KVFabricConfig:
         default=4096, metadata=_bounded(1, 1 << 20, "hashes", "hashes in one gRPC call")
     )
     rpc_chunk_bytes: int = field(
-        default=1 * MiB, metadata=_bounded(4 * KiB, 64 * MiB, "bytes", "streamed chunk size")
+        default=4 * MiB, metadata=_bounded(4 * KiB, 64 * MiB, "bytes", "streamed chunk size")
     )
     rpc_max_message_bytes: int = field(
         default=8 * MiB, metadata=_bounded(64 * KiB, 1 * GiB, "bytes", "largest gRPC message")

@@ -98,7 +98,7 @@ class Client:
         data_plane: bool = True,
         max_message_bytes: int = 64 * MiB,
         retries: int = 3,
-        chunk_bytes: int = MiB,
+        chunk_bytes: int = 4 * MiB,
     ) -> None:
         if not isinstance(target, str) or not target:
             raise InvalidArgument("target must be a 'host:port' string", "target")

@@ -157,8 +157,8 @@ def validate_timeout(timeout_s: float) -> float:
 
 
 def make_transport(name: str = "auto") -> Transport:
-    """The transport called ``name``: "tcp", "nixl", or "auto" (NIXL if usable, else TCP)."""
-    from kvfabric.transfer.nixl import NixlTransport
+    """The transport called ``name``: "tcp", "nixl", or "auto" (see ``nixl.auto_choice``)."""
+    from kvfabric.transfer.nixl import NixlTransport, auto_choice
     from kvfabric.transfer.tcp import TcpTransport
 
     if name == "tcp":
@@ -166,7 +166,7 @@ def make_transport(name: str = "auto") -> Transport:
     if name == "nixl":
         return NixlTransport()
     if name == "auto":
-        return NixlTransport() if NixlTransport.probe().usable else TcpTransport()
+        return NixlTransport() if auto_choice().usable else TcpTransport()
     raise InvalidArgument(
         f"unknown transport {name!r}; choose one of {', '.join(TRANSPORT_NAMES)}", "transport"
     )

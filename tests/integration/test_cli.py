@@ -112,7 +112,8 @@ def test_up_starts_a_local_ray_fabric_and_stops_on_ctrl_c(tmp_path: Path) -> Non
                 break
             seen.append(line)
         text = "".join(seen)
-        assert "fabric up on Ray" in text and "serving blocks at 127.0.0.1:" in text, text
+        assert "fabric up on Ray" in text and "gRPC API at 127.0.0.1:" in text, text
+        assert "blocks at 127.0.0.1:" in text, text
         assert "directory seq" in text and "ready=True" in text, text
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)

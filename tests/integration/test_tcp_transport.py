@@ -250,11 +250,11 @@ def test_bad_arguments_and_unreachable_peers(served: tuple, tmp_path: Path) -> N
         client.fetch(f"127.0.0.1:{free}", [key(1)], b, timeout_s=1)
 
 
-def test_make_transport_picks_tcp_without_nixl() -> None:
+def test_make_transport_picks_tcp_on_a_cpu_only_host() -> None:
+    # With or without NIXL installed: a CPU-only host prefers TCP (see transfer/nixl.py).
     assert isinstance(make_transport("auto"), TcpTransport)
     assert make_transport("auto").name == "tcp" and make_transport("tcp").name == "tcp"
-    probe = NixlTransport.probe()
-    assert not probe.usable and probe.detail
+    assert NixlTransport.probe().detail
     assert make_transport("nixl").name == "nixl"
     with pytest.raises(InvalidArgument) as err:
         make_transport("carrier-pigeon")
@@ -262,6 +262,8 @@ def test_make_transport_picks_tcp_without_nixl() -> None:
 
 
 def test_nixl_transport_refuses_cleanly_where_nixl_is_absent(served: tuple) -> None:
+    if NixlTransport.probe().usable:
+        pytest.skip("NIXL is usable here; tests/integration/test_nixl_transport.py covers it")
     a, b, address, _ = served
     nixl = NixlTransport()
     with pytest.raises(Unavailable, match="NIXL is not usable"):
