@@ -42,10 +42,6 @@ MAX_BLOCK_BYTES = 4096 * MiB  # the config's own ceiling for max_block_bytes
 _SCRATCH_BYTES = MiB
 
 
-class _StaleConnection(Exception):
-    """A pooled connection failed before any answer byte arrived (safe to retry once)."""
-
-
 def _noop_connect(sock: socket.socket, address: str, deadline: float) -> None:
     """Plain TCP needs no handshake beyond connect."""
 
@@ -105,7 +101,7 @@ class BlockReader:
             conn, reused = self._pool.acquire(address, connect_by)
             try:
                 ok = self._stream(conn, address, keys, views, expected_checksums, batches, deadline)
-            except _StaleConnection as exc:
+            except wire.StaleConnection as exc:
                 conn.close()  # nothing was received on it, so asking again repeats nothing
                 if reused and attempt == 0:
                     log.debug("pooled connection to %s was stale (%s); reconnecting", address, exc)
@@ -160,7 +156,7 @@ class BlockReader:
                 wire.send_buffers(conn, [wire.encode_request([keys[i] for i in batch])])
                 sent += 1
         except ConnectionError as exc:
-            raise _StaleConnection(str(exc)) from exc
+            raise wire.StaleConnection(str(exc)) from exc
         except OSError as exc:
             raise Unavailable(f"data-plane read from {address} failed: {exc}", "address") from exc
         scratch: memoryview | None = None
@@ -206,22 +202,9 @@ class BlockReader:
         first: bool,
     ) -> list[Entry]:
         """Read and validate one answer's preamble and header section."""
-        head = memoryview(bytearray(wire.PREAMBLE.size))
-        got = 0
-        try:
-            conn.settimeout(remaining(deadline, address))
-            got = conn.recv_into(head)
-            if got == 0 and first:
-                raise _StaleConnection("closed before answering")
-            wire.recv_into_exact(conn, head[got:])
-            section_len = wire.parse_response_preamble(head, len(batch))
-            section = wire.recv_exact(conn, section_len)
-        except ConnectionError as exc:
-            if first and not got:
-                raise _StaleConnection(str(exc)) from exc
-            raise Unavailable(f"data-plane read from {address} failed: {exc}", "address") from exc
-        except OSError as exc:
-            raise Unavailable(f"data-plane read from {address} failed: {exc}", "address") from exc
+        section = wire.read_response_head(
+            conn, address, len(batch), deadline, first=first, what="data-plane read"
+        )
         return wire.parse_response_section(section, len(batch), MAX_BLOCK_BYTES)
 
 

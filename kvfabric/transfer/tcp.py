@@ -40,10 +40,6 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 
 
-class _StaleConnection(Exception):
-    """A pooled connection failed before any response byte arrived (safe to retry)."""
-
-
 @dataclass
 class _Tally:
     fetched: list[BlockKey] = field(default_factory=list)
@@ -121,7 +117,7 @@ class TcpTransport(Transport):
             conn, reused = self._pool.acquire(address, deadline)
             try:
                 self._stream(conn, address, batches, store, deadline, tally)
-            except _StaleConnection as exc:
+            except wire.StaleConnection as exc:
                 conn.close()  # nothing was received on it, so retrying repeats nothing
                 if reused and attempt == 0:
                     log.debug("pooled connection to %s was stale (%s); reconnecting", address, exc)
@@ -167,7 +163,7 @@ class TcpTransport(Transport):
                 wire.send_buffers(conn, [wire.encode_request(batch, self.request_flags)])
                 sent += 1
         except ConnectionError as exc:
-            raise _StaleConnection(str(exc)) from exc
+            raise wire.StaleConnection(str(exc)) from exc
         except OSError as exc:
             raise Unavailable(f"fetch from {address} failed: {exc}", "address") from exc
         for i, batch in enumerate(batches):
@@ -206,22 +202,9 @@ class TcpTransport(Transport):
         deadline: float, *, first: bool,
     ) -> list[Entry]:  # fmt: skip
         """Read and validate one response's preamble and header section."""
-        head = memoryview(bytearray(wire.PREAMBLE.size))
-        got = 0
-        try:
-            conn.settimeout(remaining(deadline, address))
-            got = conn.recv_into(head)
-            if got == 0 and first:
-                raise _StaleConnection("closed before answering")
-            wire.recv_into_exact(conn, head[got:])
-            section_len = wire.parse_response_preamble(head, len(batch))
-            section = wire.recv_exact(conn, section_len)
-        except ConnectionError as exc:
-            if first and not got:
-                raise _StaleConnection(str(exc)) from exc
-            raise Unavailable(f"fetch from {address} failed: {exc}", "address") from exc
-        except OSError as exc:
-            raise Unavailable(f"fetch from {address} failed: {exc}", "address") from exc
+        section = wire.read_response_head(
+            conn, address, len(batch), deadline, first=first, what="fetch"
+        )
         max_block = store.config.max_block_bytes
         return wire.parse_response_section(section, len(batch), max_block, self.request_flags)
 

@@ -398,3 +398,34 @@ def remaining(deadline: float, address: str) -> float:
     if left <= 0:
         raise Unavailable(f"fetch from {address} timed out", "address")
     return left
+
+
+class StaleConnection(Exception):
+    """A pooled connection failed before any response byte arrived (safe to retry once)."""
+
+
+def read_response_head(
+    conn: socket.socket, address: str, count: int, deadline: float, *, first: bool, what: str
+) -> memoryview:
+    """Read a response's preamble and return its header section (not yet parsed).
+
+    ``first`` marks the first read on a pooled connection: a failure before any
+    byte arrived then raises :class:`StaleConnection` (the caller retries on a
+    fresh connection); any other failure is Unavailable naming ``what``.
+    """
+    head = memoryview(bytearray(PREAMBLE.size))
+    got = 0
+    try:
+        conn.settimeout(remaining(deadline, address))
+        got = conn.recv_into(head)
+        if got == 0 and first:
+            raise StaleConnection("closed before answering")
+        recv_into_exact(conn, head[got:])
+        section_len = parse_response_preamble(head, count)
+        return memoryview(recv_exact(conn, section_len))
+    except ConnectionError as exc:
+        if first and not got:
+            raise StaleConnection(str(exc)) from exc
+        raise Unavailable(f"{what} from {address} failed: {exc}", "address") from exc
+    except OSError as exc:
+        raise Unavailable(f"{what} from {address} failed: {exc}", "address") from exc
