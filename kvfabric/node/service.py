@@ -28,7 +28,14 @@ from kvfabric.node.changes import ChangeKind, NodeChange
 from kvfabric.node.core import NodeStoreCore
 from kvfabric.node.results import MoveResult, NodeStats, PinResult
 from kvfabric.transfer import make_transport
-from kvfabric.types import BlockKey, BlockType, Tier, as_block_hash
+from kvfabric.types import (
+    BLOCK_HASH_BYTES,
+    BlockKey,
+    BlockType,
+    Tier,
+    as_block_hash,
+    validate_namespace,
+)
 
 log = logging.getLogger(__name__)
 
@@ -236,16 +243,16 @@ class NodeStoreService:
 
         Returns ``matched`` and, per matched block, ``(node_id, data-plane address, tier)``.
         """
-        keys = self._keys(namespace, hashes)
+        chain = _chain(namespace, hashes)
         if self.directory is None:
-            matched, tiers = self.lookup_local(namespace, [k.hash for k in keys])
+            matched, tiers = self.lookup_local(namespace, chain)
             return {"matched": matched,
                     "locations": [(self.node_id, self.address, t) for t in tiers]}  # fmt: skip
-        return self.directory.lookup(namespace, [k.hash for k in keys], self.node_id)
+        return self.directory.lookup(namespace, chain, self.node_id)
 
     def lookup_local(self, namespace: str, hashes: Sequence[bytes]) -> tuple[int, list[int]]:
         """Longest prefix held on this node and the tier of each block."""
-        res = self.core.lookup(namespace, [as_block_hash(h, "hashes") for h in hashes])
+        res = self.core.lookup(namespace, _chain(namespace, hashes))
         return res.matched, [int(t) for t in res.tiers]
 
     # -- control ------------------------------------------------------------------------
@@ -400,6 +407,17 @@ class NodeStoreService:
             ChangeKind.STORED, meta.key, meta.tier, meta.size, meta.checksum, meta.type,
             meta.program_id, pins,
         )  # fmt: skip
+
+
+def _chain(namespace: str, hashes: Sequence[bytes]) -> list[bytes]:
+    """A validated hash chain (the lookup hot path: no per-hash key objects)."""
+    validate_namespace(namespace)
+    if isinstance(hashes, (bytes, str)):
+        raise InvalidArgument("hashes must be a list of 32-byte hashes", "hashes")
+    chain = [bytes(h) if isinstance(h, (bytearray, memoryview)) else h for h in hashes]
+    if not all(type(h) is bytes and len(h) == BLOCK_HASH_BYTES for h in chain):
+        raise InvalidArgument(f"every hash must be {BLOCK_HASH_BYTES} bytes", "hashes")
+    return chain
 
 
 def _tier(value: int) -> Tier:
