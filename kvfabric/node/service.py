@@ -245,7 +245,8 @@ class NodeStoreService:
         """
         chain = _chain(namespace, hashes)
         if self.directory is None:
-            matched, tiers = self.lookup_local(namespace, chain)
+            res = self.core.lookup(namespace, chain)
+            matched, tiers = res.matched, [int(t) for t in res.tiers]
             return {"matched": matched,
                     "locations": [(self.node_id, self.address, t) for t in tiers]}  # fmt: skip
         return self.directory.lookup(namespace, chain, self.node_id)

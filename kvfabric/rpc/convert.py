@@ -16,6 +16,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kvfabric.config import KVFabricConfig
 from kvfabric.directory.events import EVENT_FIELDS, Event
@@ -92,9 +93,12 @@ def tier_from_proto(value: int, field: str = "tier") -> int | None:
     return int(value) - 1
 
 
+_TIER_TO_PROTO: dict[int, Any] = {int(t): pb.Tier.Value("TIER_" + t.name) for t in Tier}
+
+
 def tier_to_proto(tier: int) -> pb.Tier:
-    """The proto ``Tier`` of a domain tier."""
-    value: pb.Tier = pb.Tier.Value("TIER_" + Tier(tier).name)
+    """The proto ``Tier`` of a domain tier (a table lookup: this is on the Lookup hot path)."""
+    value: pb.Tier = _TIER_TO_PROTO[int(tier)]
     return value
 
 
@@ -196,6 +200,12 @@ def hint_from_proto(req: pb.HintRequest, max_chain: int) -> ProgramHint:
 def location(node_id: str, address: str, tier: int) -> pb.Location:
     """One replica's place (``tier`` is a domain tier)."""
     return pb.Location(node_id=node_id, address=address, tier=tier_to_proto(tier))
+
+
+def locations(places: list[tuple[str, str, int]]) -> list[pb.Location]:
+    """Messages for many places; a chain's blocks mostly share a few, built once each."""
+    built: dict[tuple[str, str, int], pb.Location] = {}
+    return [built.get(p) or built.setdefault(p, location(*p)) for p in places]
 
 
 def move_response(result: MoveResult) -> pb.MoveResponse:

@@ -144,9 +144,7 @@ class KVFabricServicer(pb_grpc.KVFabricServicer):
         else:
             found = svc.lookup(ns, chain)
             matched, locations = int(found["matched"]), list(found["locations"])
-        return pb.LookupResponse(
-            matched=matched, locations=[convert.location(*loc) for loc in locations]
-        )
+        return pb.LookupResponse(matched=matched, locations=convert.locations(locations))
 
     @_streaming(mutating=False)
     def Get(
