@@ -27,8 +27,11 @@ $(STAMP): $(VENV)/bin/python $(SOURCES_OF_INSTALL)
 	$(PIP) install -e .
 	@touch $@
 
+# The vLLM CPU build's resolver also pulls CUDA-linked torchvision/torchaudio/torchcodec,
+# which break `import transformers` / `import vllm` next to the CPU torch: remove them.
 $(TSTAMP): $(STAMP)
-	$(PIP) install -e ".[test,nixl]" "torch==2.13.0"
+	$(PIP) install -e ".[test,nixl,vllm]" "torch==2.13.0"
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
 	@touch $@
 
 install: $(STAMP)

@@ -1,0 +1,4 @@
+"""Engine connectors (vLLM, SGLang).
+
+Each is imported only by its engine, never by ``import kvfabric``.
+"""
