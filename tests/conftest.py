@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+import socket
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +57,22 @@ def store(tmp_path: Path) -> Iterator[NodeStoreCore]:
     s.register_namespace(NS, 16 * 1024)
     yield s
     s.close()
+
+
+def fake_server(behave: Callable[[socket.socket], None]) -> tuple[str, threading.Thread]:
+    """A one-connection data-plane peer that reads a request and then does as told."""
+    from kvfabric.transfer import wire
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10.0)
+
+    def run() -> None:
+        with listener, listener.accept()[0] as conn:
+            conn.settimeout(10.0)
+            _, _, body_len = wire.parse_request_preamble(wire.recv_exact(conn, 16))
+            wire.recv_exact(conn, body_len)
+            behave(conn)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return f"127.0.0.1:{listener.getsockname()[1]}", thread

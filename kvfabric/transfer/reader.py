@@ -95,25 +95,14 @@ class BlockReader:
         if not views:
             return []
         batches = self._batches(views)
-        for attempt in range(2):
-            # A black-holed address must not eat the whole call: the caller falls back.
-            connect_by = min(deadline, time.monotonic() + self.connect_timeout_s)
-            conn, reused = self._pool.acquire(address, connect_by)
-            try:
-                ok = self._stream(conn, address, keys, views, expected_checksums, batches, deadline)
-            except wire.StaleConnection as exc:
-                conn.close()  # nothing was received on it, so asking again repeats nothing
-                if reused and attempt == 0:
-                    log.debug("pooled connection to %s was stale (%s); reconnecting", address, exc)
-                    self._pool.close_idle(address)
-                    continue
-                raise Unavailable(f"{address} closed the connection: {exc}", "address") from None
-            except BaseException:
-                conn.close()  # the stream is in an unknown state
-                raise
-            self._pool.release(address, conn)
-            return ok
-        raise Unavailable(f"{address} closed the connection twice", "address")  # not reached
+        connect_by = min(deadline, time.monotonic() + self.connect_timeout_s)
+        return self._pool.call(
+            address,
+            connect_by,
+            lambda conn: self._stream(
+                conn, address, keys, views, expected_checksums, batches, deadline
+            ),
+        )
 
     def close(self) -> None:
         """Close every pooled connection; later reads fail with FailedPrecondition."""

@@ -113,22 +113,12 @@ class TcpTransport(Transport):
         for k, tier in zip(wanted, store.contains(wanted), strict=True):
             (tally.present if tier is not None else todo).append(k)
         batches = self._batches(todo, store)
-        for attempt in range(2 if batches else 0):
-            conn, reused = self._pool.acquire(address, deadline)
-            try:
-                self._stream(conn, address, batches, store, deadline, tally)
-            except wire.StaleConnection as exc:
-                conn.close()  # nothing was received on it, so retrying repeats nothing
-                if reused and attempt == 0:
-                    log.debug("pooled connection to %s was stale (%s); reconnecting", address, exc)
-                    self._pool.close_idle(address)
-                    continue
-                raise Unavailable(f"{address} closed the connection: {exc}", "address") from None
-            except BaseException:
-                conn.close()  # the stream is in an unknown state
-                raise
-            self._pool.release(address, conn)
-            break
+        if batches:
+            self._pool.call(
+                address,
+                deadline,
+                lambda conn: self._stream(conn, address, batches, store, deadline, tally),
+            )
         result = FetchResult(
             tuple(tally.fetched), tuple(tally.missing), tuple(tally.corrupt),
             tuple(tally.present), tally.bytes, time.perf_counter() - start,

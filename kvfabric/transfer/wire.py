@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TypeVar
 
 from kvfabric.errors import Corrupt, FailedPrecondition, InvalidArgument, Unavailable
 from kvfabric.types import (
@@ -45,6 +46,8 @@ from kvfabric.types import (
     BlockKey,
     BlockType,
 )
+
+T = TypeVar("T")
 
 VERSION = 1
 REQUEST_MAGIC = b"KVFQ"
@@ -374,6 +377,32 @@ class ConnectionPool:
                 idle.append(sock)
                 return
         sock.close()
+
+    def call(self, address: str, connect_by: float, fn: Callable[[socket.socket], T]) -> T:
+        """Run ``fn`` on a pooled connection to ``address``; retry once on a stale one.
+
+        A connection that failed before any response byte arrived
+        (:class:`StaleConnection`) is closed and, if it came from the pool, the
+        request is repeated once on a fresh connection (nothing was received,
+        so nothing repeats). Any other failure closes the connection (its
+        stream state is unknown) and propagates.
+        """
+        for attempt in range(2):
+            conn, reused = self.acquire(address, connect_by)
+            try:
+                result = fn(conn)
+            except StaleConnection as exc:
+                conn.close()
+                if reused and attempt == 0:
+                    self.close_idle(address)
+                    continue
+                raise Unavailable(f"{address} closed the connection: {exc}", "address") from None
+            except BaseException:
+                conn.close()
+                raise
+            self.release(address, conn)
+            return result
+        raise Unavailable(f"{address} closed the connection twice", "address")
 
     def close_idle(self, address: str) -> None:
         """Close the idle connections to ``address`` (after one of them proved stale)."""

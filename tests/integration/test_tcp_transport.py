@@ -6,7 +6,7 @@ import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from kvfabric.transfer import make_transport, wire
 from kvfabric.transfer.nixl import NixlTransport
 from kvfabric.transfer.tcp import TcpTransport
 from kvfabric.types import BlockType, Tier
-from tests.conftest import NS, block, key, make_store
+from tests.conftest import NS, block, fake_server, key, make_store
 
 pytestmark = pytest.mark.timeout(60)
 B = 16 * 1024  # the CPU tiers hold 16 blocks of NS
@@ -45,23 +45,6 @@ def served(
     yield a, b, address, client
     client.close()
     server.close()
-
-
-def fake_server(behave: Callable[[socket.socket], None]) -> tuple[str, threading.Thread]:
-    """A one-connection peer that reads a request and then misbehaves as told."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(10.0)
-
-    def run() -> None:
-        with listener, listener.accept()[0] as conn:
-            conn.settimeout(10.0)
-            _, _, body_len = wire.parse_request_preamble(wire.recv_exact(conn, 16))
-            wire.recv_exact(conn, body_len)
-            behave(conn)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return f"127.0.0.1:{listener.getsockname()[1]}", thread
 
 
 def cpu_used(store: NodeStoreCore) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ from kvfabric.transfer import wire
 from kvfabric.transfer.reader import BlockReader, read_blocks
 from kvfabric.transfer.tcp import TcpTransport
 from kvfabric.types import Tier
-from tests.conftest import NS, block, key, make_store
+from tests.conftest import NS, block, fake_server, key, make_store
 
 pytestmark = pytest.mark.timeout(60)
 B = 16 * 1024
@@ -45,23 +45,6 @@ def reader() -> Iterator[BlockReader]:
 
 def sums(indices: range | list[int]) -> list[int]:
     return [integrity.checksum(block(i, B)) for i in indices]
-
-
-def fake_server(behave: Callable[[socket.socket], None]) -> tuple[str, threading.Thread]:
-    """A one-connection block server that reads a request and then does as told."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(10.0)
-
-    def run() -> None:
-        with listener, listener.accept()[0] as conn:
-            conn.settimeout(10.0)
-            _, _, body_len = wire.parse_request_preamble(wire.recv_exact(conn, 16))
-            wire.recv_exact(conn, body_len)
-            behave(conn)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return f"127.0.0.1:{listener.getsockname()[1]}", thread
 
 
 def test_reads_verified_blocks_into_caller_buffers(served: tuple, reader: BlockReader) -> None:
