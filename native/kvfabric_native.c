@@ -724,49 +724,55 @@ PyDoc_STRVAR(gather_with_checksum_doc,
 "slot must lie inside arena. ``offsets`` is an iterable of ints or a 1-d integer\n"
 "buffer (e.g. a numpy int64 array). Returns the checksum of each slot.");
 
+/*
+ * Gather and scatter are one operation in two directions: copy len(offsets)
+ * slots of ``size`` bytes between a contiguous buffer and arena slots, with a
+ * checksum per slot. ``to_arena`` = 0 gathers (arena -> contiguous ``dst``),
+ * 1 scatters (contiguous ``src`` -> arena). Buffers are acquired and checked
+ * in argument order, so errors name the same argument as before.
+ */
 static PyObject *
-gather_with_checksum(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs,
-                     PyObject *kwnames)
+slots_with_checksum(const char *fname, PyObject *first, PyObject *second, PyObject *offsets_obj,
+                    PyObject *size_obj, int to_arena)
 {
-    static const char *const fname = "gather_with_checksum";
-    static const char *const names[] = {"arena", "offsets", "size", "dst"};
-    PyObject *a[4];
+    /* gather(arena, offsets, size, dst); scatter(src, arena, offsets, size) */
+    const char *flat_name = to_arena ? "src" : "dst";
     Py_ssize_t size, n = 0, total;
     Py_ssize_t *offs = NULL;
     uint64_t *sums = NULL;
-    Py_buffer arena, dst;
-    int have_arena = 0, have_dst = 0;
+    Py_buffer bufs[2], *arena, *flat;
+    int acquired = 0;
     PyObject *result = NULL;
 
-    if (parse_args(fname, args, nargs, kwnames, names, 4, a) < 0) {
+    if (parse_size(size_obj, fname, &size) < 0) {
         return NULL;
     }
-    if (parse_size(a[2], fname, &size) < 0) {
-        return NULL;
-    }
-    offs = parse_offsets(a[1], fname, &n);
+    offs = parse_offsets(offsets_obj, fname, &n);
     if (offs == NULL) {
         return NULL;
     }
-    if (get_buffer(a[0], &arena, 0, fname, "arena", -1) < 0) {
+    /* first argument: read-only; second: writable (gather writes dst, scatter the arena) */
+    if (get_buffer(first, &bufs[0], 0, fname, to_arena ? "src" : "arena", -1) < 0) {
         goto done;
     }
-    have_arena = 1;
-    if (get_buffer(a[3], &dst, 1, fname, "dst", -1) < 0) {
+    acquired = 1;
+    if (get_buffer(second, &bufs[1], 1, fname, to_arena ? "arena" : "dst", -1) < 0) {
         goto done;
     }
-    have_dst = 1;
+    acquired = 2;
+    arena = to_arena ? &bufs[1] : &bufs[0];
+    flat = to_arena ? &bufs[0] : &bufs[1];
     total = slots_total(n, size, fname);
     if (total < 0) {
         goto done;
     }
-    if (dst.len != total) {
+    if (flat->len != total) {
         PyErr_Format(PyExc_ValueError,
-                     "%s(): dst has %zd bytes, expected len(offsets) * size = %zd * %zd = %zd",
-                     fname, dst.len, n, size, total);
+                     "%s(): %s has %zd bytes, expected len(offsets) * size = %zd * %zd = %zd",
+                     fname, flat_name, flat->len, n, size, total);
         goto done;
     }
-    if (check_offsets(offs, n, size, arena.len, fname, "arena") < 0) {
+    if (check_offsets(offs, n, size, arena->len, fname, "arena") < 0) {
         goto done;
     }
     sums = PyMem_New(uint64_t, n + 1);
@@ -777,10 +783,12 @@ gather_with_checksum(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssiz
 
     int streaming = use_streaming((size_t)total);
     Py_BEGIN_ALLOW_THREADS
-    char *d = (char *)dst.buf;
-    const char *s = (const char *)arena.buf;
+    char *a = (char *)arena->buf;
+    char *f = (char *)flat->buf;
     for (Py_ssize_t i = 0; i < n; i++) {
-        sums[i] = copy_hash(d + i * size, s + offs[i], (size_t)size, streaming);
+        sums[i] = to_arena
+            ? copy_hash(a + offs[i], f + i * size, (size_t)size, streaming)
+            : copy_hash(f + i * size, a + offs[i], (size_t)size, streaming);
     }
     streaming_fence(streaming);
     Py_END_ALLOW_THREADS
@@ -788,15 +796,25 @@ gather_with_checksum(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssiz
     result = sums_to_list(sums, n);
 
 done:
-    if (have_dst) {
-        PyBuffer_Release(&dst);
-    }
-    if (have_arena) {
-        PyBuffer_Release(&arena);
+    for (int k = acquired - 1; k >= 0; k--) {
+        PyBuffer_Release(&bufs[k]);
     }
     PyMem_Free(sums);
     PyMem_Free(offs);
     return result;
+}
+
+static PyObject *
+gather_with_checksum(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs,
+                     PyObject *kwnames)
+{
+    static const char *const names[] = {"arena", "offsets", "size", "dst"};
+    PyObject *a[4];
+
+    if (parse_args("gather_with_checksum", args, nargs, kwnames, names, 4, a) < 0) {
+        return NULL;
+    }
+    return slots_with_checksum("gather_with_checksum", a[0], a[3], a[1], a[2], 0);
 }
 
 /* ------------------------------------------------------------------------- */
@@ -816,75 +834,13 @@ static PyObject *
 scatter_with_checksum(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssize_t nargs,
                       PyObject *kwnames)
 {
-    static const char *const fname = "scatter_with_checksum";
     static const char *const names[] = {"src", "arena", "offsets", "size"};
     PyObject *a[4];
-    Py_ssize_t size, n = 0, total;
-    Py_ssize_t *offs = NULL;
-    uint64_t *sums = NULL;
-    Py_buffer src, arena;
-    int have_src = 0, have_arena = 0;
-    PyObject *result = NULL;
 
-    if (parse_args(fname, args, nargs, kwnames, names, 4, a) < 0) {
+    if (parse_args("scatter_with_checksum", args, nargs, kwnames, names, 4, a) < 0) {
         return NULL;
     }
-    if (parse_size(a[3], fname, &size) < 0) {
-        return NULL;
-    }
-    offs = parse_offsets(a[2], fname, &n);
-    if (offs == NULL) {
-        return NULL;
-    }
-    if (get_buffer(a[0], &src, 0, fname, "src", -1) < 0) {
-        goto done;
-    }
-    have_src = 1;
-    if (get_buffer(a[1], &arena, 1, fname, "arena", -1) < 0) {
-        goto done;
-    }
-    have_arena = 1;
-    total = slots_total(n, size, fname);
-    if (total < 0) {
-        goto done;
-    }
-    if (src.len != total) {
-        PyErr_Format(PyExc_ValueError,
-                     "%s(): src has %zd bytes, expected len(offsets) * size = %zd * %zd = %zd",
-                     fname, src.len, n, size, total);
-        goto done;
-    }
-    if (check_offsets(offs, n, size, arena.len, fname, "arena") < 0) {
-        goto done;
-    }
-    sums = PyMem_New(uint64_t, n + 1);
-    if (sums == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-
-    int streaming = use_streaming((size_t)total);
-    Py_BEGIN_ALLOW_THREADS
-    char *d = (char *)arena.buf;
-    const char *s = (const char *)src.buf;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        sums[i] = copy_hash(d + offs[i], s + i * size, (size_t)size, streaming);
-    }
-    streaming_fence(streaming);
-    Py_END_ALLOW_THREADS
-
-    result = sums_to_list(sums, n);
-
-done:
-    if (have_arena) {
-        PyBuffer_Release(&arena);
-    }
-    if (have_src) {
-        PyBuffer_Release(&src);
-    }
-    PyMem_Free(sums);
-    PyMem_Free(offs);
-    return result;
+    return slots_with_checksum("scatter_with_checksum", a[0], a[1], a[2], a[3], 1);
 }
 
 /* ------------------------------------------------------------------------- */
