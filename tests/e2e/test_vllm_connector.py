@@ -1,18 +1,21 @@
 """The vLLM connector with the real CPU engine, a tiny random model, and a real node.
 
-Each engine runs in its own process (tests/e2e/_engine.py); the kvfabric node
-is a real `kvfabric up --standalone` process serving gRPC on 127.0.0.1.
-Outputs are greedy and float32, so "identical" means token for token.
+Each engine runs in its own process (tests/e2e/_engine.py) and is kept up for
+the module; the kvfabric node is a real ``kvfabric up --standalone`` process
+on 127.0.0.1 whose CPU arena lives in /dev/shm (so a test can corrupt stored
+bytes from outside). Outputs are greedy and float32, so "identical" means
+token for token. Every engine resets its own prefix cache after each prompt,
+so a cached token can only have come from kvfabric.
+
+Engines: ``ref`` (no connector, the reference), ``e1`` (the connector, loads
+synchronously from its node, publishes KV events), ``e2`` (a second process
+on the same fabric, every load through the asynchronous path).
 """
 
 from __future__ import annotations
 
-import json
+import mmap
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,89 +24,202 @@ import pytest
 
 pytest.importorskip("vllm", exc_type=ImportError)
 
+from kvfabric.hashing import chain_hashes
 from kvfabric.rpc.client import Client
+from tests.e2e.harness import Engine, EventSubscriber, StandaloneNode, tokens
 from tests.e2e.tiny_model import build_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def run_engine(model: Path, mode: str, address: str) -> list[dict[str, Any]]:
-    """One engine process; returns per prompt {"tokens": [...], "cached": n}."""
-    out = subprocess.run(
-        [sys.executable, "-m", "tests.e2e._engine", str(model), mode, address],
-        cwd=ROOT, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, out.stderr[-4000:]
-    result: list[dict[str, Any]] = json.loads(lines[-1][len("RESULT ") :])
-    return result
+BS = 32  # the engines' block size
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("e2e")
 
 
 @pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    data = tmp_path_factory.mktemp("node")
-    env = {**os.environ, "KVFABRIC_RPC_PORT": str(_free_port()), "KVFABRIC_TRANSPORT": "tcp",
-           "KVFABRIC_CPU_ARENA_BYTES": "256MiB", "KVFABRIC_CPU_PREFAULT": "0",
-           "KVFABRIC_DISK_BYTES": "256MiB", "KVFABRIC_STATUS_INTERVAL_S": "30"}  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kvfabric.cli.app", "up", "--standalone", "--data-dir", str(data)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 60
-        address = ""
-        while time.monotonic() < deadline and not address:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if "gRPC API at " in line:
-                address = line.split("gRPC API at ")[1].split(",")[0].strip()
-        assert address, "the node did not start"
-        yield address
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+def model(work: Path) -> Path:
+    return build_tiny_model(work / "tiny")
 
 
 @pytest.fixture(scope="module")
-def base(model: Path) -> list[dict[str, Any]]:
-    """The engine's own output without any connector: the reference."""
-    return run_engine(model, "none", "")
+def node(work: Path) -> Iterator[StandaloneNode]:
+    n = StandaloneNode(work / "node", f"kvf-e2e-{os.getpid()}")
+    yield n
+    n.stop()
 
 
-def test_identical_output_with_and_without_the_connector_and_external_hits(
-    model: Path, node: str, base: list[dict[str, Any]]
+@pytest.fixture(scope="module")
+def events_endpoint(work: Path) -> str:
+    return f"ipc://{work}/kv-events.sock"
+
+
+@pytest.fixture(scope="module")
+def subscriber(events_endpoint: str) -> Iterator[EventSubscriber]:
+    s = EventSubscriber(events_endpoint)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def ref(model: Path, work: Path) -> Iterator[Engine]:
+    e = Engine(model, work, "ref")
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def e1(model: Path, work: Path, node: StandaloneNode, events_endpoint: str,
+       subscriber: EventSubscriber) -> Iterator[Engine]:  # fmt: skip
+    e = Engine(model, work, "e1", address=node.address, events=events_endpoint)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def e2(model: Path, work: Path, node: StandaloneNode) -> Iterator[Engine]:
+    e = Engine(model, work, "e2", address=node.address, load_async="always")
+    yield e
+    e.close()
+
+
+def namespace_of(address: str) -> str:
+    """The one namespace the engines registered on the node (derived from the model)."""
+    import grpc
+
+    from kvfabric.rpc.v1 import kvfabric_pb2 as pb
+    from kvfabric.rpc.v1 import kvfabric_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as ch:
+        r = pb_grpc.KVFabricStub(ch).Stats(pb.StatsRequest(), timeout=10)
+    names = [n.namespace for n in r.namespaces]
+    assert len(names) == 1, names
+    return names[0]
+
+
+def chain(prompt: list[int], blocks: int) -> list[bytes]:
+    return [bytes(h) for h in chain_hashes(prompt[: blocks * BS], BS)]
+
+
+def program(pid: str, **kw: Any) -> dict[str, Any]:
+    return {"kvfabric": {"program_id": pid, **kw}}
+
+
+def test_identical_output_and_external_hits_across_engines(
+    ref: Engine, e1: Engine, e2: Engine, node: StandaloneNode
 ) -> None:
-    first = run_engine(model, "fabric", node)
-    assert [r["tokens"] for r in first] == [r["tokens"] for r in base]
-    assert first[0]["cached"] == 0  # nothing stored yet
-    assert first[1]["cached"] >= 256  # the shared prefix came back from kvfabric
-    second = run_engine(model, "fabric", node)  # a new engine process sharing the fabric
-    assert [r["tokens"] for r in second] == [r["tokens"] for r in base]
-    assert second[0]["cached"] >= 256 and second[1]["cached"] >= 256
-    with Client(node) as c:
-        stats = c.stats()
-    assert (
-        stats.blocks_by_type.get("SYSTEM_PROMPT", 0) > 0
-    )  # the request's type hint reached the store
+    a = tokens(200, 1)
+    ab = a + tokens(40, 77)
+    base = [ref.generate(a), ref.generate(ab)]
+    params = program("e2e", block_type="SYSTEM_PROMPT")
+    first = e1.generate(a, params=params)
+    assert first["tokens"] == base[0]["tokens"] and first["cached"] == 0  # nothing stored yet
+    again = e1.generate(ab, params=params)
+    assert again["tokens"] == base[1]["tokens"]
+    assert again["cached"] >= 192  # the 6 full blocks of the first prompt, from kvfabric
+    other = e2.generate(ab, params=params)  # a second engine process, asynchronous loads
+    assert other["tokens"] == base[1]["tokens"]
+    assert other["cached"] == 224  # every usable block: (240 - 1) // 32 * 32
+    with Client(node.address) as c:
+        assert c.stats().blocks_by_type.get("SYSTEM_PROMPT", 0) >= 7  # the type reached the store
 
 
-def test_engine_keeps_serving_when_the_fabric_is_unreachable(
-    model: Path, base: list[dict[str, Any]]
+def test_react_turns_reuse_every_earlier_turn_and_type_tool_definitions(
+    ref: Engine, e1: Engine, node: StandaloneNode
 ) -> None:
-    lost = run_engine(model, "fabric", f"127.0.0.1:{_free_port()}")  # nobody listens there
-    assert [r["tokens"] for r in lost] == [r["tokens"] for r in base]
-    assert all(r["cached"] == 0 for r in lost)
+    tool_defs = tokens(96, 300)  # three blocks of tool definitions
+    context = tool_defs + tokens(40, 5)  # + the user's task
+    reusable = 0
+    for turn in range(4):
+        events = [{"kind": "step_start", "step": turn},
+                  {"kind": "tool_call_start", "at": "finish", "step": turn,
+                   "expected_duration_s": 0.5}]  # fmt: skip
+        if turn:
+            events.insert(0, {"kind": "tool_call_end", "step": turn - 1})
+        params = program("react-e2e", spans=[{"start": 0, "end": 96, "type": "TOOL_DEFINITION"}],
+                         events=events)  # fmt: skip
+        want = ref.generate(context)
+        got = e1.generate(context, params=params)
+        assert got["tokens"] == want["tokens"], f"turn {turn}"
+        usable = (len(context) - 1) // BS * BS
+        assert got["cached"] >= min(reusable, usable), f"turn {turn}: {got['cached']}"
+        # Saved: every full block of prompt + output whose KV was computed (all but the last).
+        reusable = (len(context) + len(got["tokens"]) - 1) // BS * BS
+        context = context + got["tokens"] + tokens(24, 1000 + turn)  # the tool's observation
+    with Client(node.address) as c:
+        ns = namespace_of(node.address)
+        assert c.lookup(ns, chain(tool_defs, 3)).matched == 3
+        assert c.stats().blocks_by_type.get("TOOL_DEFINITION", 0) >= 3
+
+
+def test_kv_events_announce_the_blocks_saved(e1: Engine, subscriber: EventSubscriber) -> None:
+    prompt = tokens(128, 900)
+    e1.generate(prompt)
+    want = chain(prompt, 4)
+    found = subscriber.wait_for(
+        lambda e: getattr(e, "medium", None) == "kvfabric"
+        and bytes(e.block_hashes[0]) in want
+    )  # fmt: skip
+    announced = [bytes(h) for e in found for h in e.block_hashes]
+    assert set(want) <= set(announced)
+    first = next(e for e in found if bytes(e.block_hashes[0]) == want[0])
+    assert first.parent_block_hash is None and first.block_size == BS
+    assert list(first.token_ids[:BS]) == prompt[:BS]
+
+
+def test_loaded_kv_is_really_used(
+    ref: Engine, e1: Engine, e2: Engine, node: StandaloneNode
+) -> None:
+    """Negative control: valid-checksum KV of another prompt, stored under this prompt's
+    hashes, changes the output — so the engine really computes from loaded KV."""
+    real, fake = tokens(160, 2000), tokens(160, 3000)
+    e1.generate(real)
+    ns = namespace_of(node.address)
+    with Client(node.address) as c:
+        blocks = c.get(ns, chain(real, 4))
+        assert all(b is not None for b in blocks)
+        c.put(ns, chain(fake, 4), [b for b in blocks if b is not None])
+    want = ref.generate(fake)
+    got = e2.generate(fake)
+    assert got["cached"] == 128
+    assert got["tokens"] != want["tokens"]
+
+
+def _corrupt_in_arena(shm: Path, block: bytes) -> None:
+    with shm.open("r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        at = m.find(block)
+        assert at >= 0, "block bytes not found in the node's arena"
+        m[at + len(block) // 2] ^= 0xFF
+
+
+@pytest.mark.parametrize("engine", ["e1", "e2"])
+def test_a_corrupt_block_is_caught_and_recomputed(
+    engine: str, request: pytest.FixtureRequest, ref: Engine, e1: Engine, node: StandaloneNode
+) -> None:
+    prompt = tokens(160, 4000 if engine == "e1" else 5000)
+    e1.generate(prompt)  # stores 4 full blocks
+    ns = namespace_of(node.address)
+    hashes = chain(prompt, 4)
+    with Client(node.address) as c:
+        block = c.get(ns, hashes[2:3])[0]
+        assert block is not None
+        _corrupt_in_arena(node.shm_path, block)
+        before = c.stats().counters.get("checksum_failures", 0)
+        got = request.getfixturevalue(engine).generate(prompt)
+        assert got["tokens"] == ref.generate(prompt)["tokens"]
+        assert c.stats().counters.get("checksum_failures", 0) > before
+        # The corrupt copy was dropped, never served; the engine recomputed the block and
+        # the connector stored it again, bit for bit what it was (float32, same split).
+        assert c.get(ns, hashes[2:3])[0] == block
+
+
+def test_engines_keep_serving_when_the_fabric_stops_mid_run(
+    ref: Engine, e1: Engine, e2: Engine, node: StandaloneNode
+) -> None:
+    prompt = tokens(200, 1) + tokens(40, 77)  # stored by the first test
+    want = ref.generate(prompt)
+    node.stop()
+    for engine in (e1, e2):
+        got = engine.generate(prompt)
+        assert got["tokens"] == want["tokens"] and got["cached"] == 0
