@@ -59,7 +59,7 @@ from kvfabric.connectors.vllm_events import KVFabricKVEvents, RemovalFollower, s
 from kvfabric.connectors.vllm_params import NO_HINTS, HintEvent, RequestHints, parse_request_hints
 from kvfabric.connectors.vllm_worker import AsyncLoader, PagedKV, Transfer, load, save
 from kvfabric.errors import InvalidArgument, KVFabricError, NotFound
-from kvfabric.hashing import ExtraKeys, NamespaceSpec, chain_hashes, namespace_id
+from kvfabric.hashing import ExtraKeys, MMItem, NamespaceSpec, chain_hashes, namespace_id
 from kvfabric.types import validate_namespace
 
 if TYPE_CHECKING:
@@ -176,13 +176,18 @@ class _ControlSender:
 
 
 def _extras(request: Any) -> ExtraKeys | None:
-    """Hash extras that change KV: the cache salt and LoRA."""
+    """Hash extras that change KV: the cache salt, the LoRA, and multimodal inputs
+    (each item's content identifier over the placeholder tokens it fills)."""
     salt = getattr(request, "cache_salt", None) or None
     lora = getattr(request, "lora_request", None)
     lora_id = str(lora.lora_name) if lora is not None else None
-    if salt is None and lora_id is None:
+    mm = tuple(
+        MMItem(str(f.identifier), int(f.mm_position.offset), int(f.mm_position.length))
+        for f in getattr(request, "mm_features", None) or ()
+    )
+    if salt is None and lora_id is None and not mm:
         return None
-    return ExtraKeys(cache_salt=salt, lora_id=lora_id)
+    return ExtraKeys(cache_salt=salt, lora_id=lora_id, mm_items=mm)
 
 
 def _request_hints(request: Any) -> RequestHints:

@@ -120,3 +120,24 @@ def test_connector_settings_validate_the_extra_config() -> None:
         with pytest.raises(InvalidArgument) as err:
             ConnectorSettings.from_extra(extra)
         assert err.value.field == f"kv_connector_extra_config.{key}"
+
+
+def test_hash_extras_cover_salt_lora_and_multimodal_inputs() -> None:
+    pytest.importorskip("vllm", exc_type=ImportError)
+    from types import SimpleNamespace
+
+    from kvfabric.connectors.vllm import _extras
+    from kvfabric.hashing import ExtraKeys, MMItem, chain_hashes
+
+    plain = SimpleNamespace(cache_salt=None, lora_request=None, mm_features=[])
+    assert _extras(plain) is None
+    image = SimpleNamespace(identifier="img-1", mm_position=SimpleNamespace(offset=20, length=8))
+    req = SimpleNamespace(cache_salt="s", lora_request=SimpleNamespace(lora_name="ad"),
+                          mm_features=[image])  # fmt: skip
+    extras = _extras(req)
+    assert extras == ExtraKeys(cache_salt="s", lora_id="ad", mm_items=(MMItem("img-1", 20, 8),))
+    tokens = list(range(64))
+    # the image changes the block it lands in (block 1 of 16-token blocks) and all after it
+    with_image = chain_hashes(tokens, 16, ExtraKeys(mm_items=(MMItem("img-1", 20, 8),)))
+    without = chain_hashes(tokens, 16)
+    assert with_image[0] == without[0] and with_image[1] != without[1]
