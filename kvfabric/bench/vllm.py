@@ -50,8 +50,6 @@ def run(*, quick: bool = False, progress: bool = False) -> dict[str, Any]:
     """Run the benchmark (several minutes; ``quick``: fewer and shorter prompts)."""
     for k, v in ENGINE_ENV.items():
         os.environ.setdefault(k, v)
-    from kvfabric import cluster as kv
-
     n_tokens, n_prompts = (1024, 2) if quick else (2000, 4)
     tmp = tempfile.mkdtemp(prefix="kvf-bench-vllm-")
     model = build_random_llama(
@@ -59,6 +57,8 @@ def run(*, quick: bool = False, progress: bool = False) -> dict[str, Any]:
         num_heads=16, num_kv_heads=4, head_dim=64,
     )  # fmt: skip
     with private_ray_cluster(2) as local:
+        from kvfabric import cluster as kv  # after the cluster's env: Ray reads it on import
+
         config = load_config(overrides={
             "data_dir": os.path.join(local.tmp, "data"), "cpu_arena_bytes": "1GiB",
             "cpu_prefault": False, "disk_bytes": "1GiB", "node_check_interval_s": 0.5,

@@ -60,7 +60,7 @@ from kvfabric.connectors.vllm_params import NO_HINTS, HintEvent, RequestHints, p
 from kvfabric.connectors.vllm_worker import AsyncLoader, PagedKV, Transfer, load, save
 from kvfabric.errors import InvalidArgument, KVFabricError, NotFound
 from kvfabric.hashing import ExtraKeys, MMItem, NamespaceSpec, chain_hashes, namespace_id
-from kvfabric.types import validate_namespace
+from kvfabric.types import BlockHash, validate_namespace
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -124,7 +124,7 @@ class ConnectorSettings:
 
 
 @dataclass
-class KVFabricMetadata(KVConnectorMetadata):
+class KVFabricMetadata(KVConnectorMetadata):  # type: ignore[misc]  # vLLM is untyped here
     """What the scheduler asks the workers to load and save this step."""
 
     loads: list[Transfer] = field(default_factory=list)
@@ -215,7 +215,7 @@ def derive_namespace(vllm_config: VllmConfig) -> str:
     return namespace_id(spec)
 
 
-class KVFabricConnector(KVConnectorBase_V1):
+class KVFabricConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vLLM is untyped here
     """Reads and writes a vLLM engine's KV blocks through a kvfabric node."""
 
     def __init__(
@@ -386,7 +386,7 @@ class KVFabricConnector(KVConnectorBase_V1):
             return None
         have = len(st.hashes)
         if full > have:
-            parent = st.hashes[-1] if have else None
+            parent = BlockHash(st.hashes[-1]) if have else None
             new = chain_hashes(list(tokens[have * bs : full * bs]), bs, st.extras,
                                parent=parent, start=have * bs)  # fmt: skip
             st.hashes.extend(bytes(h) for h in new)

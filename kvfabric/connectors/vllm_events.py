@@ -41,7 +41,7 @@ MAX_PENDING_EVENTS = 65_536  # removal events kept for the publisher; oldest dro
 WATCH_WINDOW_S = 30.0
 
 
-class KVFabricKVEvents(KVConnectorKVEvents):
+class KVFabricKVEvents(KVConnectorKVEvents):  # type: ignore[misc]  # vLLM is untyped here
     """The events of one step from the workers, counted per worker."""
 
     def __init__(self, num_workers: int = 1) -> None:
@@ -61,10 +61,10 @@ class KVFabricKVEvents(KVConnectorKVEvents):
         self._aggregator.increment_workers(count)
 
     def get_all_events(self) -> list[KVCacheEvent]:
-        return self._aggregator.get_all_events()
+        return list(self._aggregator.get_all_events())
 
     def get_number_of_workers(self) -> int:
-        return self._aggregator.get_number_of_workers()
+        return int(self._aggregator.get_number_of_workers())
 
     def clear_events(self) -> None:
         self._aggregator.clear_events()

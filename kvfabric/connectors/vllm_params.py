@@ -161,7 +161,7 @@ def _seconds(value: object, where: str, limit: float, *, positive: bool = False)
 
 
 def _block_type(value: object, where: str) -> BlockType:
-    name = value.upper() if isinstance(value, str) else None
+    name = value.upper() if isinstance(value, str) else ""
     if name not in BlockType.__members__:
         known = ", ".join(BlockType.__members__)
         raise InvalidArgument(f"{where} must be one of {known}, got {value!r}", where)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -125,32 +126,52 @@ def test_identical_output_and_external_hits_across_engines(
         assert c.stats().blocks_by_type.get("SYSTEM_PROMPT", 0) >= 7  # the type reached the store
 
 
-def test_react_turns_reuse_every_earlier_turn_and_type_tool_definitions(
+def _pinned(address: str) -> int:
+    with Client(address) as c:
+        return c.stats().pinned_blocks
+
+
+def _wait_pinned(address: str, want: int, timeout_s: float = 20.0) -> int:
+    deadline = time.monotonic() + timeout_s
+    while (got := _pinned(address)) != want and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return got
+
+
+def test_react_turns_reuse_every_earlier_turn_and_hints_reach_the_store(
     ref: Engine, e1: Engine, node: StandaloneNode
 ) -> None:
     tool_defs = tokens(96, 300)  # three blocks of tool definitions
     context = tool_defs + tokens(40, 5)  # + the user's task
-    reusable = 0
-    for turn in range(4):
-        events = [{"kind": "step_start", "step": turn},
-                  {"kind": "tool_call_start", "at": "finish", "step": turn,
-                   "expected_duration_s": 0.5}]  # fmt: skip
-        if turn:
-            events.insert(0, {"kind": "tool_call_end", "step": turn - 1})
-        params = program("react-e2e", spans=[{"start": 0, "end": 96, "type": "TOOL_DEFINITION"}],
-                         events=events)  # fmt: skip
+    spans = [{"start": 0, "end": 96, "type": "TOOL_DEFINITION"}]
+    reusable, turns = 0, 4
+    for turn in range(turns):
+        first = {"kind": "program_start"} if turn == 0 else {"kind": "tool_call_end"}
+        events = [first, {"kind": "step_start", "step": turn},
+                  {"kind": "step_end", "step": turn, "at": "finish"}]  # fmt: skip
+        if turn < turns - 1:  # the model's answer is a tool call; the tool then runs
+            events.append({"kind": "tool_call_start", "at": "finish", "step": turn,
+                           "expected_duration_s": 0.5})  # fmt: skip
         want = ref.generate(context)
-        got = e1.generate(context, params=params)
+        got = e1.generate(context, params=program("react-e2e", spans=spans, events=events))
         assert got["tokens"] == want["tokens"], f"turn {turn}"
         usable = (len(context) - 1) // BS * BS
         assert got["cached"] >= min(reusable, usable), f"turn {turn}: {got['cached']}"
         # Saved: every full block of prompt + output whose KV was computed (all but the last).
         reusable = (len(context) + len(got["tokens"]) - 1) // BS * BS
         context = context + got["tokens"] + tokens(24, 1000 + turn)  # the tool's observation
+    ns = namespace_of(node.address)
     with Client(node.address) as c:
-        ns = namespace_of(node.address)
         assert c.lookup(ns, chain(tool_defs, 3)).matched == 3
         assert c.stats().blocks_by_type.get("TOOL_DEFINITION", 0) >= 3
+    # The program forks over its tool definitions: the shared prefix is pinned until the join.
+    before = _pinned(node.address)
+    fork = {"kind": "fork", "children": 2, "prefix_tokens": 96}
+    e1.generate(context, params=program("react-e2e", spans=spans, events=[fork]))
+    assert _wait_pinned(node.address, before + 3) == before + 3
+    e1.generate(context, params=program("react-e2e", spans=spans, events=[
+        {"kind": "join"}, {"kind": "program_end", "at": "finish"}]))  # fmt: skip
+    assert _wait_pinned(node.address, before) == before
 
 
 def test_kv_events_announce_the_blocks_saved(e1: Engine, subscriber: EventSubscriber) -> None:
