@@ -57,7 +57,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvfabric.connectors.vllm_events import KVFabricKVEvents, RemovalFollower, stored_event
 from kvfabric.connectors.vllm_params import NO_HINTS, HintEvent, RequestHints, parse_request_hints
-from kvfabric.connectors.vllm_worker import AsyncLoader, PagedKV, Transfer, load, save
+from kvfabric.connectors.vllm_worker import AsyncLoader, Breaker, PagedKV, Transfer, load, save
 from kvfabric.errors import InvalidArgument, KVFabricError, NotFound
 from kvfabric.hashing import ExtraKeys, MMItem, NamespaceSpec, chain_hashes, namespace_id
 from kvfabric.types import BlockHash, validate_namespace
@@ -92,12 +92,13 @@ class ConnectorSettings:
     token: str | None = None
     timeout_s: float = 10.0
     load_async: str = "auto"
+    lookup_timeout_s: float = 1.0
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> ConnectorSettings:
         """Validate the extra config; InvalidArgument names the offending key."""
         unknown = sorted(set(extra) - {"rpc_address", "namespace", "token", "timeout_s",
-                                       "load_async"})  # fmt: skip
+                                       "load_async", "lookup_timeout_s"})  # fmt: skip
         if unknown:
             raise InvalidArgument(f"unknown key {unknown[0]!r} in {EXTRA}",
                                   f"{EXTRA}.{unknown[0]}")  # fmt: skip
@@ -111,16 +112,21 @@ class ConnectorSettings:
         token = extra.get("token")
         if token is not None and (not isinstance(token, str) or not token.isprintable()):
             raise InvalidArgument(f"{EXTRA}.token must be a printable string", f"{EXTRA}.token")
-        timeout = extra.get("timeout_s", 10.0)
-        if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                or math.isnan(timeout) or not 0 < timeout <= 600):  # fmt: skip
-            raise InvalidArgument(f"{EXTRA}.timeout_s must be in (0, 600] seconds",
-                                  f"{EXTRA}.timeout_s")  # fmt: skip
+        timeout = _seconds(extra, "timeout_s", 10.0)
+        lookup_timeout = _seconds(extra, "lookup_timeout_s", 1.0)
         mode = extra.get("load_async", "auto")
         if mode not in LOAD_MODES:
             raise InvalidArgument(f"{EXTRA}.load_async must be one of {', '.join(LOAD_MODES)}",
                                   f"{EXTRA}.load_async")  # fmt: skip
-        return cls(address, ns, token, float(timeout), str(mode))
+        return cls(address, ns, token, timeout, str(mode), lookup_timeout)
+
+
+def _seconds(extra: dict[str, Any], key: str, default: float) -> float:
+    value = extra.get(key, default)
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or math.isnan(value) or not 0 < value <= 600):  # fmt: skip
+        raise InvalidArgument(f"{EXTRA}.{key} must be in (0, 600] seconds", f"{EXTRA}.{key}")
+    return float(value)
 
 
 @dataclass
@@ -230,6 +236,7 @@ class KVFabricConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vLLM is un
         ev = vllm_config.kv_events_config
         self._emit_events = bool(ev is not None and ev.enable_kv_cache_events)
         self._client: Client | None = None
+        self._breaker = Breaker()  # one per process: the scheduler's lookups, a worker's saves
         # scheduler state
         self._reqs: dict[str, _ReqState] = {}
         self._matched: dict[str, tuple[int, int, list[bytes], bool]] = {}
@@ -268,16 +275,20 @@ class KVFabricConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vLLM is un
         tokens = list(request.prompt_token_ids or [])
         bs = self._block_size
         usable = max(0, (len(tokens) - 1) // bs)  # vLLM must compute at least one token
-        if usable * bs <= num_computed_tokens:
+        if usable * bs <= num_computed_tokens or not self._breaker.allow():
             return 0, False
         try:
             hashes = [bytes(h) for h in chain_hashes(tokens[: usable * bs], bs, _extras(request))]
-            found = self._get_client().lookup(self._namespace, hashes)
+            timeout = self._settings.lookup_timeout_s
+            found = self._get_client().lookup(self._namespace, hashes, timeout_s=timeout)
         except NotFound:  # the node has never seen this namespace
+            self._breaker.succeeded()
             return 0, False
         except Exception as exc:  # fabric unreachable: no external hit
             log.warning("kvfabric lookup failed (%s); recomputing", exc)
+            self._breaker.failed()
             return 0, False
+        self._breaker.succeeded()
         matched = int(found.matched)
         ext = matched * bs - num_computed_tokens
         if ext <= 0:
@@ -473,11 +484,16 @@ class KVFabricConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vLLM is un
         if not isinstance(meta, KVFabricMetadata) or self._paged is None:
             return
         for t in meta.saves:
+            if not self._breaker.allow():
+                log.debug("kvfabric unreachable lately; not saving %s", t.req_id)
+                continue
             try:
                 save(self._get_client(), self._namespace, self._paged, t)
             except Exception as exc:
                 log.warning("kvfabric save of %s failed (%s)", t.req_id, exc)
+                self._breaker.failed()
                 continue
+            self._breaker.succeeded()
             if self._emit_events:
                 self._stored.append(stored_event(t, self._block_size))
 

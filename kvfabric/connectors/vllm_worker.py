@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -51,6 +52,31 @@ class Transfer:
     token_ids: list[int] | None = None  # saves with KV events on: the blocks' tokens
     parent: bytes | None = None  # saves: the hash before hashes[0]
     is_async: bool = False  # loads: from a peer, in the background
+
+
+class Breaker:
+    """Skips calls to a fabric that just failed, so a dead or hung node costs the engine one
+    timeout per back-off period instead of one per request (back-off doubles up to a cap)."""
+
+    def __init__(self, first_s: float = 1.0, cap_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self._first, self._cap, self._clock = first_s, cap_s, clock
+        self._backoff = 0.0
+        self._until = 0.0
+
+    def allow(self) -> bool:
+        """Whether to try the fabric now."""
+        return self._clock() >= self._until
+
+    def failed(self) -> None:
+        """A call failed: stay away for the next back-off period."""
+        self._backoff = min(self._cap, self._backoff * 2 or self._first)
+        self._until = self._clock() + self._backoff
+
+    def succeeded(self) -> None:
+        """A call worked: the fabric is back."""
+        self._backoff = 0.0
+        self._until = 0.0
 
 
 class PagedKV:

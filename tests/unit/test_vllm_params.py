@@ -113,6 +113,7 @@ def test_connector_settings_validate_the_extra_config() -> None:
            ({"rpc_address": "h:1", "timeout_s": 0}, "timeout_s"),
            ({"rpc_address": "h:1", "timeout_s": "5"}, "timeout_s"),
            ({"rpc_address": "h:1", "load_async": "sometimes"}, "load_async"),
+           ({"rpc_address": "h:1", "lookup_timeout_s": -1}, "lookup_timeout_s"),
            ({"rpc_address": "h:1", "namespace": "a/b"}, "namespace"),
            ({"rpc_address": "h:1", "token": "\n"}, "token"),
            ({"rpc_address": "h:1", "rpc_adress": "typo"}, "rpc_adress")]  # fmt: skip
@@ -141,3 +142,29 @@ def test_hash_extras_cover_salt_lora_and_multimodal_inputs() -> None:
     with_image = chain_hashes(tokens, 16, ExtraKeys(mm_items=(MMItem("img-1", 20, 8),)))
     without = chain_hashes(tokens, 16)
     assert with_image[0] == without[0] and with_image[1] != without[1]
+
+
+def test_the_breaker_backs_off_after_failures_and_resets_on_success() -> None:
+    pytest.importorskip("vllm", exc_type=ImportError)
+    from kvfabric.connectors.vllm_worker import Breaker
+
+    now = [100.0]
+    b = Breaker(first_s=1.0, cap_s=4.0, clock=lambda: now[0])
+    assert b.allow()
+    b.failed()
+    assert not b.allow()
+    now[0] += 1.0
+    assert b.allow()
+    b.failed()  # 2 s
+    now[0] += 1.5
+    assert not b.allow()
+    b.failed()  # 4 s (capped from here on)
+    b.failed()
+    now[0] += 3.9
+    assert not b.allow()
+    now[0] += 0.2
+    assert b.allow()
+    b.succeeded()
+    b.failed()  # back to the first back-off
+    now[0] += 1.0
+    assert b.allow()
