@@ -172,6 +172,8 @@ def test_react_turns_reuse_every_earlier_turn_and_hints_reach_the_store(
     e1.generate(context, params=program("react-e2e", spans=spans, events=[
         {"kind": "join"}, {"kind": "program_end", "at": "finish"}]))  # fmt: skip
     assert _wait_pinned(node.address, before) == before
+    log = e1.log.read_text(errors="replace")
+    assert "hint not delivered" not in log and "save of" not in log  # every hint was taken
 
 
 def test_kv_events_announce_the_blocks_saved(e1: Engine, subscriber: EventSubscriber) -> None:
