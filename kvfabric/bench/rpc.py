@@ -127,8 +127,9 @@ def run(*, quick: bool = False, progress: bool = False) -> dict[str, Any]:
         service = NodeStoreService("n-bench", config)
         server = start_server(service, config)
         echo = EchoServer(blocks, config.rpc_workers, config.rpc_max_message_bytes)
-        with Client(server.address, timeout_s=60) as client, Client(
-            server.address, timeout_s=60, data_plane=False
+        # local=False: these measure the network paths (bench local measures the local one).
+        with Client(server.address, timeout_s=60, local=False) as client, Client(
+            server.address, timeout_s=60, data_plane=False, local=False
         ) as streamer:  # fmt: skip
             _say(progress, "… put")
             for i in range(0, n_blocks, 8):

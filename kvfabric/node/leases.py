@@ -55,16 +55,23 @@ class WriteReservation:
     records: list[BlockRecord]
     buffers: list[memoryview]
     present: list[BlockKey]
-    _commit: Callable[[list[bool]], list[PutResult | None]] = field(repr=False)
+    _commit: Callable[[list[bool], list[int] | None], list[PutResult | None]] = field(repr=False)
     _abort: Callable[[], None] = field(repr=False)
     _done: bool = field(default=False, repr=False)
 
-    def commit(self, received: list[bool] | None = None) -> list[PutResult | None]:
-        """Verify and publish every block marked received; None where it failed its checksum."""
+    def commit(
+        self, received: list[bool] | None = None, checksums: list[int] | None = None
+    ) -> list[PutResult | None]:
+        """Verify and publish every block marked received; None where it failed its checksum.
+
+        ``checksums`` replaces the records' checksums: a writer that checksums
+        while it copies (the local shared-memory path) learns them only now.
+        """
         if self._done:
             raise RuntimeError("reservation already committed or aborted")
         self._done = True
-        return self._commit(received if received is not None else [True] * len(self.records))
+        got = received if received is not None else [True] * len(self.records)
+        return self._commit(got, checksums)
 
     def abort(self) -> None:
         """Release every slot; nothing becomes visible (idempotent after commit)."""

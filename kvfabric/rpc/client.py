@@ -10,7 +10,13 @@ only (``data_plane=true``), reads each block from the data-plane address in
 its header straight into the caller's buffer and verifies its XXH3-64; when
 that address cannot be reached (or ``data_plane=False``), the node streams
 the bytes in ``BlockData`` chunks instead, verified the same way. A block
-that fails its checksum is a miss, never wrong bytes.
+that fails its checksum is a miss, never wrong bytes. On the node's own host
+(``local=True``, the default) gets and puts go through the node-local data
+path instead (:mod:`kvfabric.transfer.local`: one checksumming copy to or
+from the node's shared-memory arena); the client finds it by itself, and
+uses the network for what it cannot serve (blocks on the GPU or disk tier)
+and whenever it is unusable (another host, another user, a namespace-limited
+token).
 
 Retries: only calls that read (Lookup, Get, Stats, Health, WatchEvents — the
 latter resumes after the last event it delivered) are retried, up to
@@ -37,12 +43,16 @@ from kvfabric.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
+    Unauthenticated,
     Unavailable,
 )
 from kvfabric.hints import HintKind, ProgramHint
 from kvfabric.rpc import client_data as cd
 from kvfabric.rpc.chunks import encode_data_chunk
 from kvfabric.rpc.client_data import (
+    BlockInfo,
+    BlockPage,
     Event,
     HintResult,
     Location,
@@ -54,12 +64,13 @@ from kvfabric.rpc.client_data import (
 )
 from kvfabric.rpc.v1 import kvfabric_pb2 as pb
 from kvfabric.rpc.v1 import kvfabric_pb2_grpc as pb_grpc
+from kvfabric.transfer.local.client import ELSEWHERE, LocalLink
 from kvfabric.transfer.reader import BlockReader
 from kvfabric.types import BlockHash, BlockType, Tier, as_block_hash, validate_namespace
 
 __all__ = [
-    "Client", "Event", "HintResult", "Location", "LookupResult", "MoveCounts", "PinCounts",
-    "PutStatus", "Stats",
+    "BlockInfo", "BlockPage", "Client", "Event", "HintResult", "Location", "LookupResult",
+    "MoveCounts", "PinCounts", "PutStatus", "Stats",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -67,6 +78,8 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 T = TypeVar("T")
 RETRYABLE = (Unavailable, DeadlineExceeded)
+# The local channel failing this way sends the call over the network instead.
+LOCAL_UNUSABLE = (Unavailable, Corrupt, FailedPrecondition, PermissionDenied, Unauthenticated)
 _PUT = "/kvfabric.v1.KVFabric/Put"
 _BACKOFF_S, _BACKOFF_MAX_S = 0.05, 1.0
 
@@ -84,7 +97,7 @@ class Client:
     module docstring). ``data_plane`` lets gets read bytes from the node's
     data plane; ``max_message_bytes`` bounds one gRPC message both ways;
     ``chunk_bytes`` is the size of the chunks a put streams (and a streamed
-    get asks for).
+    get asks for); ``local`` allows the node-local data path.
     """
 
     def __init__(
@@ -99,6 +112,7 @@ class Client:
         max_message_bytes: int = 64 * MiB,
         retries: int = 3,
         chunk_bytes: int = 4 * MiB,
+        local: bool = True,
     ) -> None:
         if not isinstance(target, str) or not target:
             raise InvalidArgument("target must be a 'host:port' string", "target")
@@ -137,6 +151,12 @@ class Client:
         self._closed = False
         self._reader = BlockReader()
         self._getter = cd.BlockGetter(self._channel, self._metadata, self._reader, chunk_bytes)
+        self._local = LocalLink(self._identify, token, self.timeout_s) if local else None
+
+    def _identify(self) -> tuple[str, str]:
+        # Not retried: a node that does not answer at once is used over the network.
+        r = self._unary(self._stub.Stats, pb.StatsRequest(), None)
+        return r.node_id, r.address
 
     # -- lifecycle ------------------------------------------------------------------------
     def close(self) -> None:
@@ -147,6 +167,8 @@ class Client:
         self._closed = True
         self._channel.close()
         self._reader.close()
+        if self._local is not None:
+            self._local.close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -161,11 +183,18 @@ class Client:
     # -- data -----------------------------------------------------------------------------
     def lookup(
         self, namespace: str, hashes: Sequence[bytes], *, local_only: bool = False,
-        timeout_s: float | None = None,
+        timeout_s: float | None = None, block_tokens: int = 0,
     ) -> LookupResult:  # fmt: skip
-        """The longest stored prefix of the chain ``hashes`` and where each matched block is."""
+        """The longest stored prefix of the chain ``hashes`` and where each matched block is.
+
+        ``block_tokens`` (tokens per block, when the caller knows it) lets the
+        node count the prompt tokens it spared from recomputation.
+        """
+        if not isinstance(block_tokens, int) or not 0 <= block_tokens < 1 << 32:
+            raise InvalidArgument("block_tokens must be an int in 0..2**32-1", "block_tokens")
         req = pb.LookupRequest(namespace=validate_namespace(namespace), hashes=_hashes(hashes),
-                               local_only=bool(local_only))  # fmt: skip
+                               local_only=bool(local_only),
+                               block_tokens=block_tokens)  # fmt: skip
         r = self._unary(self._stub.Lookup, req, timeout_s, retry=True)
         return LookupResult(r.matched, cd.locations_from_pb(r.locations))
 
@@ -179,7 +208,8 @@ class Client:
         Returns per block whether this call stored it, it existed already, or
         another writer is storing it. Never retried (see the module docstring).
         """
-        header = pb.PutHeader(namespace=validate_namespace(namespace), hashes=_hashes(hashes),
+        hs = _hashes(hashes)
+        header = pb.PutHeader(namespace=validate_namespace(namespace), hashes=hs,
                               block_type=cd.block_type_to_pb(block_type),
                               program_id=_optional_str(program_id, "program_id"))  # fmt: skip
         if isinstance(blocks, (bytes, bytearray, memoryview)):
@@ -193,6 +223,17 @@ class Client:
         if size == 0 or any(len(v) != size for v in views):
             raise InvalidArgument("blocks must all have the same, non-zero size", "blocks")
         header.block_bytes = size
+        self._check_open()
+        link = self._local
+        local = link.get() if link is not None else None
+        if link is not None and local is not None:
+            try:
+                done = local.put(header.namespace, hs, views, block_type, program_id or None,
+                                 self._timeout(timeout_s))  # fmt: skip
+            except LOCAL_UNUSABLE as exc:
+                link.broken(exc)
+            else:
+                return _local_statuses(done)
         chunk = self.chunk_bytes
 
         def messages() -> Iterator[bytes]:
@@ -212,10 +253,8 @@ class Client:
     ) -> list[bytes | None]:
         """The verified bytes of each block, None for a miss (absent or corrupt)."""
         ns, hs = validate_namespace(namespace), _hashes(hashes)
-        out = self._retrying(
-            lambda t: self._getter.get(ns, hs, None, t, self.data_plane), timeout_s, retry=True
-        )
-        return [None if o is None else o.tobytes() for o in out]
+        out = self._retrying(lambda t: self._blocks(ns, hs, None, t), timeout_s, retry=True)
+        return [None if o is None else bytes(o) for o in out]
 
     def get_into(
         self, namespace: str, hashes: Sequence[bytes], dsts: Sequence[Any], *,
@@ -229,10 +268,30 @@ class Client:
         if len(dsts) != len(hs):
             raise InvalidArgument(f"{len(hs)} hashes but {len(dsts)} buffers", "dsts")
         views = [_view(d, "dsts", writable=True) for d in dsts]
-        out = self._retrying(
-            lambda t: self._getter.get(ns, hs, views, t, self.data_plane), timeout_s, retry=True
-        )
+        out = self._retrying(lambda t: self._blocks(ns, hs, views, t), timeout_s, retry=True)
         return [o is not None for o in out]
+
+    def _blocks(
+        self, ns: str, hs: list[BlockHash], views: list[memoryview] | None, timeout: float
+    ) -> list[Any]:
+        """One attempt of a get: the local channel first, the network for what it left."""
+        out: list[Any] | None = None
+        link = self._local
+        local = link.get() if link is not None else None
+        if link is not None and local is not None:
+            try:
+                out = local.read(ns, hs, views, timeout)
+            except LOCAL_UNUSABLE as exc:
+                link.broken(exc)
+        if out is None:
+            return self._getter.get(ns, hs, views, timeout, self.data_plane)
+        rest = [i for i, o in enumerate(out) if o is ELSEWHERE]
+        if rest:
+            dsts = None if views is None else [views[i] for i in rest]
+            got = self._getter.get(ns, [hs[i] for i in rest], dsts, timeout, self.data_plane)
+            for i, g in zip(rest, got, strict=True):
+                out[i] = g
+        return out
 
     # -- control --------------------------------------------------------------------------
     def move(
@@ -255,7 +314,7 @@ class Client:
         req = pb.PinRequest(namespace=validate_namespace(namespace), hashes=_hashes(hashes),
                             owner=_required_str(owner, "owner"), ttl_s=_ttl(ttl_s))  # fmt: skip
         r = self._unary(self._stub.Pin, req, timeout_s)
-        return PinCounts(r.pinned, r.missing, r.new_bytes)
+        return PinCounts(r.pinned, r.missing, r.new_bytes, tuple(r.missing_indexes))
 
     def unpin(
         self, namespace: str, hashes: Sequence[bytes], owner: str, *,
@@ -315,6 +374,25 @@ class Client:
         """The node's tiers, counters and pins."""
         return cd.stats_from_pb(self._unary(self._stub.Stats, pb.StatsRequest(), timeout_s,
                                             retry=True))  # fmt: skip
+
+    def list_blocks(
+        self, *, namespace: str | None = None, program_id: str | None = None,
+        block_type: BlockType | None = None, tier: Tier | None = None, page_size: int = 0,
+        page_token: str = "", timeout_s: float | None = None,
+    ) -> BlockPage:  # fmt: skip
+        """One page of the blocks this node holds that match every filter given."""
+        if not isinstance(page_size, int) or not 0 <= page_size <= 1000:
+            raise InvalidArgument(f"page_size must be in 0..1000, got {page_size!r}", "page_size")
+        if not isinstance(page_token, str):
+            raise InvalidArgument("page_token must be a string", "page_token")
+        req = pb.ListBlocksRequest(
+            namespace="" if namespace is None else validate_namespace(namespace),
+            program_id=_optional_str(program_id, "program_id"),
+            block_type=cd.block_type_to_pb(block_type), tier=cd.tier_to_pb(tier),
+            page_size=page_size, page_token=page_token,
+        )  # fmt: skip
+        return cd.block_page_from_pb(self._unary(self._stub.ListBlocks, req, timeout_s,
+                                                 retry=True))  # fmt: skip
 
     def health(self, *, timeout_s: float | None = None) -> bool:
         """True when the node's gRPC health service reports SERVING (False if unreachable)."""
@@ -405,6 +483,19 @@ class Client:
                           attempt + 1, self.retries)  # fmt: skip
                 time.sleep(_backoff(attempt))
         raise AssertionError("unreachable")
+
+
+_PUT_STATUSES = {"stored": PutStatus.STORED, "exists": PutStatus.EXISTS,
+                 "pending": PutStatus.PENDING}  # fmt: skip
+
+
+def _local_statuses(done: list[str]) -> list[PutStatus]:
+    """Put statuses of a local put; Corrupt if a block changed while it was copied."""
+    bad = [i for i, s in enumerate(done) if s not in _PUT_STATUSES]
+    if bad:
+        raise Corrupt(f"{len(bad)} blocks (first: #{bad[0]}) failed the node's checksum check "
+                      "after the copy: not stored (were they modified meanwhile?)", "blocks")
+    return [_PUT_STATUSES[s] for s in done]
 
 
 def _backoff(attempt: int) -> float:

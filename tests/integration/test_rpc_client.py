@@ -307,7 +307,7 @@ class FlakyServer:
 def test_only_reads_are_retried() -> None:
     flaky = FlakyServer(fail=100)
     try:
-        with Client(flaky.address, timeout_s=5, retries=2) as c:
+        with Client(flaky.address, timeout_s=5, retries=2, local=False) as c:
             for call in (lambda: c.lookup(NS_SMALL, hashes(1, "r")), c.stats):
                 with pytest.raises(Unavailable, match="try again"):
                     call()
