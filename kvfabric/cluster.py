@@ -113,6 +113,16 @@ def wait_ready(timeout_s: float = 120.0) -> dict[str, dict[str, Any]]:
         time.sleep(0.2)
 
 
+def warmth(namespace: str, hashes: list[bytes], timeout_s: float = 10.0) -> list[dict[str, Any]]:
+    """KV-warmth routing helper: per node, the leading blocks of ``hashes`` it holds and their
+    tiers (``matched``, ``tiers``), best node first. Needs :func:`connect` first."""
+    import ray
+
+    ref = directory_handle().warmth.remote(namespace, list(hashes))
+    result: list[dict[str, Any]] = ray.get(ref, timeout=timeout_s)
+    return result
+
+
 def up(
     config: KVFabricConfig, address: str | None = None, timeout_s: float = 120.0
 ) -> dict[str, Any]:

@@ -62,6 +62,16 @@ class _Entry:
         self.best = min(self.replicas.values(), key=lambda loc: (loc.tier, loc.node_id))
 
 
+@dataclass(frozen=True, slots=True)
+class NodeWarmth:
+    """How warm a chain is on one node: its leading ``matched`` blocks are there, in ``tiers``."""
+
+    node_id: str
+    address: str
+    matched: int
+    tiers: tuple[Tier, ...]
+
+
 @dataclass(slots=True)
 class _Node:
     """A registered node with its reverse indexes (keys it holds, keys it has claimed)."""
@@ -362,6 +372,32 @@ class DirectoryCore:
                 locs.append(entry.best if loc is None else loc)
                 entry.hits += 1
             return m.ClusterLookup(len(locs), tuple(locs))
+
+    def warmth(self, namespace: str, hashes: Sequence[bytes]) -> list[NodeWarmth]:
+        """For every registered node, how many leading blocks of ``hashes`` it holds and where.
+
+        The KV-warmth routing helper: a router sends a request to the node with
+        the longest (then fastest) warm prefix. Best first: most blocks, then
+        fewest blocks off the fastest tier, then node id. Costs O(chain x
+        replicas): only the replicas of the chain's blocks are visited. Counts
+        no access (asking where to route is not a read).
+        """
+        validate_namespace(namespace)
+        chain = m.check_chain(hashes, self.max_chain)
+        with self._lock:
+            index = self._index.get(namespace, {})
+            tiers: dict[str, list[Tier]] = {n: [] for n in self._nodes}
+            warm = set(self._nodes)  # nodes holding every block so far
+            for h in chain:
+                entry = index.get(h)
+                if entry is None or not warm:
+                    break
+                warm &= entry.replicas.keys()
+                for node_id in warm:
+                    tiers[node_id].append(entry.replicas[node_id].tier)
+            out = [NodeWarmth(n, self._nodes[n].address, len(t), tuple(t))
+                   for n, t in tiers.items()]  # fmt: skip
+        return sorted(out, key=lambda w: (-w.matched, sum(w.tiers), w.node_id))
 
     def locate(self, keys: Sequence[BlockKey]) -> list[tuple[Location, ...]]:
         """Every replica of each key, fastest tier first (empty for an unknown key)."""

@@ -9,21 +9,38 @@ nothing else in the code compares policy names.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from kvfabric.errors import InvalidArgument
+from kvfabric.tiers.typepolicy import TypeTable
 from kvfabric.types import BlockKey, BlockMeta, Tier
 
 Evictable = Callable[[BlockMeta], bool]
+
+
+@dataclass(frozen=True)
+class PolicyContext:
+    """What a node store tells its policy once, at start: its clock and its config."""
+
+    clock: Callable[[], float] = time.monotonic
+    types: TypeTable = field(default_factory=TypeTable.default)
+    lease_default_s: float = 30.0
+    lease_slack: float = 1.5
+    tiers: tuple[Tier, ...] = tuple(Tier)  # the tiers the node has, fastest first
 
 
 class Policy(ABC):
     """Decides placement, victims and promotion for one node store."""
 
     name: ClassVar[str]
+
+    def bind(self, context: PolicyContext) -> None:
+        """Called once by the node store before any event; the baselines need nothing."""
 
     @abstractmethod
     def on_insert(self, meta: BlockMeta) -> None:
@@ -41,8 +58,14 @@ class Policy(ABC):
     def on_remove(self, meta: BlockMeta) -> None:
         """A block left the node."""
 
+    def on_update(self, meta: BlockMeta) -> None:
+        """A stored block's type or program changed (Annotate)."""
+
+    def on_replicas(self, meta: BlockMeta, elsewhere: int) -> None:
+        """Other nodes now hold ``elsewhere`` copies of a stored block; baselines ignore it."""
+
     def on_hint(self, hint: object) -> None:
-        """A program hint arrived; the baseline policies ignore hints."""
+        """A validated program hint was accepted; the baseline policies ignore hints."""
 
     @abstractmethod
     def victims(self, tier: Tier, need_bytes: int, evictable: Evictable) -> list[BlockMeta]:
@@ -77,13 +100,20 @@ def register_policy(cls: type[Policy]) -> type[Policy]:
     return cls
 
 
+def _load_builtins() -> None:
+    # The program-aware policy lives in its own module, which imports this one.
+    import kvfabric.tiers.program  # noqa: F401
+
+
 def policy_names() -> list[str]:
     """Names of every registered policy."""
+    _load_builtins()
     return sorted(_REGISTRY)
 
 
 def make_policy(name: str) -> Policy:
     """A new instance of the policy registered as ``name``."""
+    _load_builtins()
     cls = _REGISTRY.get(name)
     if cls is None:
         raise InvalidArgument(

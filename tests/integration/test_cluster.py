@@ -272,10 +272,12 @@ def test_grpc_fork_hint_annotate_and_move_to_node(fab: Fabric) -> None:
     with Client(infos[0]["rpc_address"]) as a:
         a.put(NS, prefix, [data(i, "gfork") for i in range(2)])
         assert a.annotate(NS, prefix, block_type=BlockType.REASONING_BRANCH, program_id="p9") == 2
+        assert a.hint("p9", HintKind.PROGRAM_START).accepted  # hints follow the program's start
         res = a.hint("p9", HintKind.FORK, namespace=NS, hashes=prefix,
                      targets=[infos[1]["node_id"]], children=2)  # fmt: skip
         assert res.accepted and res.copied == 2
         assert ray.get(fab.node(1).lookup_local.remote(NS, prefix))[0] == 2
+        assert a.hint("p9", HintKind.JOIN).accepted  # the fork pinned its prefix until the join
         moved = a.move(NS, prefix[:1], node_id=infos[2]["node_id"])
         assert moved.moved == 1
     assert ray.get(fab.node(2).lookup_local.remote(NS, prefix[:1]))[0] == 1

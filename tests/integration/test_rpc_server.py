@@ -186,6 +186,8 @@ def test_control_calls_are_observable_in_lookup_and_stats(tmp_path: Path) -> Non
         assert ann.annotated == 4
         assert stub.Stats(pb.StatsRequest(), timeout=10).blocks_by_type["SYSTEM_PROMPT"] == 4
 
+        start = pb.HintRequest(program_id="prog-1", kind=pb.HINT_KIND_PROGRAM_START)
+        assert stub.Hint(start, timeout=10).accepted  # a program's hints follow its start
         step = pb.HintRequest(program_id="prog-1", kind=pb.HINT_KIND_STEP_START, step=2, **req)
         hint = stub.Hint(step, timeout=10)
         assert hint.accepted and hint.copied == 0

@@ -13,7 +13,7 @@ from kvfabric.errors import ConfigError
 def test_defaults_are_valid() -> None:
     cfg = load_config(env={})
     assert cfg == KVFabricConfig()
-    assert cfg.cpu_arena_bytes == GiB and cfg.policy == "lru"
+    assert cfg.cpu_arena_bytes == GiB and cfg.policy == "program"
 
 
 def test_priority_file_env_override(tmp_path: Path) -> None:
