@@ -1,18 +1,24 @@
 """The `kvfabric` command line (typer + rich).
 
 Exit codes scripts can rely on: 0 ok, 1 failure (one clear line on stderr),
-2 usage error. Every command that prints data takes ``--json``.
+2 usage error. Every command that prints data takes ``--json``. This module
+holds the fabric's lifecycle commands; the admin commands live in
+``pin.py`` (pin, unpin), ``blocks.py`` (evict, move, prefetch),
+``inventory.py`` (ls, stats) and ``top.py`` (top, events), and reach the
+nodes as ``connection.py`` describes.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from kvfabric.cli import blocks, inventory, pin, top
+from kvfabric.cli import connection as cn
+from kvfabric.cli.render import emit_json, fail
 from kvfabric.errors import KVFabricError
 
 app = typer.Typer(
@@ -22,17 +28,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def fail(message: str) -> typer.Exit:
-    """Print one line to stderr and return the exit-1 exception to raise."""
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(1)
-
-
-def emit_json(obj: Any) -> None:
-    """Print one JSON object on one line (the last line of output)."""
-    typer.echo(json.dumps(obj, sort_keys=True, default=str))
+__all__ = ["app", "emit_json", "fail", "main"]
 
 
 @app.command()
@@ -103,15 +99,24 @@ def down(
 @app.command()
 def status(
     address: Annotated[str, typer.Option(help="address of the Ray cluster")] = "auto",
+    token_file: cn.TokenFileOpt = None,
+    config: cn.ConfigOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Nodes, their tiers and readiness, and the directory's sequence number."""
+    """Nodes, their tiers (used/capacity), readiness and health, and the directory's seq."""
     from kvfabric import cluster
+    from kvfabric.cli.render import human_bytes, print_table, short
     from kvfabric.cli.serve import cluster_status
 
     try:
+        conn = cn.resolve(None, address, config, token_file)
         cluster.connect(address)
         report = cluster_status()
+        for info in report["nodes"].values():  # gRPC health, as a load balancer sees it
+            with cn.client_for(conn, info["rpc_address"]) as client:
+                info["healthy"] = client.health(timeout_s=5.0)
+            for t in info["stats"]["tiers"]:
+                t["tier"] = t["tier"].name  # a name in the table and the JSON, not a number
     except KVFabricError as exc:
         raise fail(exc.message) from None
     except ConnectionError as exc:
@@ -119,8 +124,14 @@ def status(
     if json_out:
         emit_json(report)
         return
-    for line in report["lines"]:
-        typer.echo(line)
+    rows = [(short(n), i["rpc_address"], "yes" if i["ready"] else "no",
+             "SERVING" if i["healthy"] else "NOT SERVING", t["tier"],
+             t["blocks"], f"{human_bytes(t['used_bytes'])} / {human_bytes(t['capacity_bytes'])}")
+            for n, i in sorted(report["nodes"].items()) for t in i["stats"]["tiers"]]  # fmt: skip
+    print_table(f"kvfabric: {len(report['nodes'])} nodes, directory seq {report['seq']}",
+                ["node", "gRPC", "ready", "health", "tier", "blocks", "used / capacity"], rows)
+    if not all(i["healthy"] and i["ready"] for i in report["nodes"].values()):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -201,6 +212,13 @@ def bench(
         for k, v in result.items():
             table.add_row(k, f"{v:.3f}" if isinstance(v, float) else str(v))
         Console().print(table)
+
+
+for _module in (pin, blocks, inventory, top):  # the admin commands, after the lifecycle ones
+    _module.register(app)
+from kvfabric.cli import sim as _sim  # noqa: E402  (issue #7: the agentic simulator)
+
+_sim.register(app)
 
 
 def main() -> None:

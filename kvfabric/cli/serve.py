@@ -49,6 +49,7 @@ def serve_forever(config: KVFabricConfig, *, once: bool = False) -> None:
     service = NodeStoreService("standalone", config)
     store = service.core
     rpc = start_server(service, config)
+    local = service.start_local()
     stop = threading.Event()
 
     def _stop(signum: int, frame: FrameType | None) -> None:
@@ -59,7 +60,9 @@ def serve_forever(config: KVFabricConfig, *, once: bool = False) -> None:
     typer.echo(
         f"kvfabric: node store ready (data under {config.data_dir}, tiers "
         f"{', '.join(t.name for t in store.tier_list())}); gRPC API at {rpc.address}, "
-        f"data plane at {service.address}; Ctrl-C to stop"
+        f"data plane at {service.address}"
+        + (f", local clients via /dev/shm/{service.config.cpu_arena_shm_name}" if local else "")
+        + "; Ctrl-C to stop"
     )
     try:
         while True:

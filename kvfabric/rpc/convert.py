@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +27,7 @@ from kvfabric.rpc.v1 import kvfabric_pb2 as pb
 from kvfabric.types import (
     BLOCK_HASH_BYTES,
     BlockHash,
+    BlockMeta,
     BlockType,
     Tier,
     validate_namespace,
@@ -218,11 +219,19 @@ def move_response(result: MoveResult) -> pb.MoveResponse:
     )
 
 
-def stats_response(node_id: str, address: str, stats: NodeStats) -> pb.StatsResponse:
-    """A node's statistics; ``counters`` holds every field of ``NodeStats.counters``."""
+def stats_response(
+    node_id: str, address: str, stats: NodeStats, extra_counters: dict[str, int] | None = None,
+    allowed: Callable[[str], bool] = lambda ns: True,
+) -> pb.StatsResponse:  # fmt: skip
+    """A node's statistics; ``counters`` holds every field of ``NodeStats.counters`` and
+    ``extra_counters`` (the node's telemetry); ``namespaces`` those ``allowed``."""
     counters = {
         f.name: int(getattr(stats.counters, f.name)) for f in dataclasses.fields(stats.counters)
     }
+    for name, value in (extra_counters or {}).items():
+        # The core's own counters are live; the telemetry's copies of them (same name, no
+        # labels) are snapshots refreshed every metrics interval, so they never override.
+        counters.setdefault(name, value)
     return pb.StatsResponse(
         node_id=node_id,
         address=address,
@@ -239,6 +248,28 @@ def stats_response(node_id: str, address: str, stats: NodeStats) -> pb.StatsResp
         pinned_bytes=stats.pinned_bytes,
         pinned_blocks=stats.pinned_blocks,
         blocks_by_type=dict(stats.blocks_by_type),
+        bytes_by_type=dict(stats.bytes_by_type),
+        namespaces=[
+            pb.NamespaceStats(namespace=n.id, block_bytes=n.block_bytes)
+            for n in stats.namespaces
+            if allowed(n.id)
+        ],
+    )
+
+
+def block_info(meta: BlockMeta, now: float) -> pb.BlockInfo:
+    """One listed block; ``now`` is on the node store's clock (idle time)."""
+    return pb.BlockInfo(
+        namespace=meta.key.namespace,
+        hash=bytes(meta.key.hash),
+        tier=tier_to_proto(meta.tier),
+        block_type=block_type_to_proto(meta.type),
+        program_id=meta.program_id or "",
+        size=meta.size,
+        pins=sum(p.count for p in meta.pins.values()),
+        pin_owners=sorted(meta.pins),
+        idle_s=max(now - meta.last_access, 0.0),
+        access_count=meta.access_count,
     )
 
 

@@ -183,6 +183,7 @@ def _handlers(servicer: Any) -> grpc.GenericRpcHandler:
         "Lookup": pb.LookupRequest, "Move": pb.MoveRequest, "Pin": pb.PinRequest,
         "Unpin": pb.UnpinRequest, "Evict": pb.EvictRequest, "Prefetch": pb.PrefetchRequest,
         "Annotate": pb.AnnotateRequest, "Hint": pb.HintRequest, "Stats": pb.StatsRequest,
+        "ListBlocks": pb.ListBlocksRequest,
     }  # fmt: skip
     handlers: dict[str, grpc.RpcMethodHandler] = {
         name: grpc.unary_unary_rpc_method_handler(

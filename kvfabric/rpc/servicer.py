@@ -13,20 +13,23 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 
+from kvfabric import metrics
 from kvfabric.config import KVFabricConfig
 from kvfabric.errors import DeadlineExceeded, InvalidArgument, KVFabricError
+from kvfabric.node.listing import BlockFilter
 from kvfabric.node.pins import validate_owner
 from kvfabric.node.service import NodeStoreService
 from kvfabric.rpc import convert, servicer_data
 from kvfabric.rpc.auth import Authorizer, Grant
 from kvfabric.rpc.v1 import kvfabric_pb2 as pb
 from kvfabric.rpc.v1 import kvfabric_pb2_grpc as pb_grpc
-from kvfabric.types import BlockHash, BlockKey, validate_program_id
+from kvfabric.types import BlockHash, BlockKey, Tier, validate_program_id
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +37,7 @@ FIELD_METADATA_KEY = "kvfabric-field"
 """Trailing metadata naming the request field a refused call was refused for."""
 
 _MAX_NODE_ID_CHARS = 128
+_TIER_NAMES = tuple(t.name for t in sorted(Tier))  # domain tier number -> name
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -62,17 +66,28 @@ def _fail(context: Any, method: str, exc: Exception) -> NoReturn:
     raise AssertionError("context.abort returned")  # pragma: no cover
 
 
+def _code_of(exc: Exception) -> str:
+    """The status code name a failed call ends with (for the latency metric)."""
+    if isinstance(exc, KVFabricError) and exc.code not in ("UNKNOWN", "OK"):
+        return exc.code
+    return "INTERNAL"
+
+
 def _unary(mutating: bool) -> Callable[[_Impl[Req, Resp]], _Handler[Req, Resp]]:
     """Wrap a method with a single response: authorize, run, map errors."""
 
     def wrap(fn: _Impl[Req, Resp]) -> _Handler[Req, Resp]:
         @functools.wraps(fn)
         def call(self: KVFabricServicer, request: Req, context: Any) -> Resp:
+            started, code = time.perf_counter(), "OK"
             try:
                 grant = self._begin(context, mutating)
                 return fn(self, request, context, grant)
             except Exception as exc:
+                code = _code_of(exc)
                 _fail(context, fn.__name__, exc)
+            finally:
+                self._telemetry.observe_rpc(fn.__name__, code, time.perf_counter() - started)
 
         return call
 
@@ -87,11 +102,15 @@ def _streaming(
     def wrap(fn: _Impl[Req, Iterator[Resp]]) -> _Handler[Req, Iterator[Resp]]:
         @functools.wraps(fn)
         def call(self: KVFabricServicer, request: Req, context: Any) -> Iterator[Resp]:
+            started, code = time.perf_counter(), "OK"
             try:
                 grant = self._begin(context, mutating)
                 yield from fn(self, request, context, grant)
             except Exception as exc:
+                code = _code_of(exc)
                 _fail(context, fn.__name__, exc)
+            finally:  # the whole stream, until its last message or its end
+                self._telemetry.observe_rpc(fn.__name__, code, time.perf_counter() - started)
 
         return call
 
@@ -112,6 +131,7 @@ class KVFabricServicer(pb_grpc.KVFabricServicer):
         self._config = config
         self._auth = authorizer or Authorizer.from_config(config)
         self._watchdog = watchdog or servicer_data.Watchdog()
+        self._telemetry = service.telemetry
 
     # -- helpers ------------------------------------------------------------------------
     def _begin(self, context: Any, mutating: bool) -> Grant:
@@ -144,6 +164,9 @@ class KVFabricServicer(pb_grpc.KVFabricServicer):
         else:
             found = svc.lookup(ns, chain)
             matched, locations = int(found["matched"]), list(found["locations"])
+        t = self._telemetry
+        metrics.count_hits(t, "lookup", (_TIER_NAMES[loc[2]] for loc in locations), len(chain))
+        t.inc("recompute_avoided_tokens", matched * request.block_tokens)
         return pb.LookupResponse(matched=matched, locations=convert.locations(locations))
 
     @_streaming(mutating=False)
@@ -155,15 +178,56 @@ class KVFabricServicer(pb_grpc.KVFabricServicer):
         keys = [BlockKey(ns, h) for h in chain]
         deadline = self._deadline(context)
         with self._watchdog.watching(context, deadline):
-            yield from servicer_data.stream_get(
-                self._service, self._config, request, keys, deadline
+            yield from self._count_get(
+                servicer_data.stream_get(self._service, self._config, request, keys, deadline)
             )
+
+    def _count_get(self, chunks: Iterator[pb.GetChunk | bytes]) -> Iterator[pb.GetChunk | bytes]:
+        """Pass a Get stream through, counting hits by tier, misses and streamed bytes."""
+        t, sent, started = self._telemetry, 0, time.perf_counter()
+        try:
+            for chunk in chunks:
+                if isinstance(chunk, bytes):
+                    sent += len(chunk)
+                elif chunk.header.found:
+                    t.inc("hits", op="get", tier=_TIER_NAMES[chunk.header.location.tier - 1])
+                else:
+                    t.inc("misses", op="get")
+                yield chunk
+        finally:
+            if sent:
+                t.inc("transfer_bytes", sent, transport="grpc", direction="out")
+                t.inc("transfer_seconds", time.perf_counter() - started, transport="grpc",
+                      direction="out")  # fmt: skip
 
     @_unary(mutating=False)
     def Stats(self, request: pb.StatsRequest, context: Any, grant: Grant) -> pb.StatsResponse:
-        """This node's tiers, counters and pins."""
+        """This node's tiers, counters (the core's and its telemetry) and pins."""
         svc = self._service
-        return convert.stats_response(svc.node_id, svc.address, svc.stats())
+        return convert.stats_response(svc.node_id, svc.address, svc.stats(),
+                                      self._telemetry.counters(), grant.allows)  # fmt: skip
+
+    @_unary(mutating=False)
+    def ListBlocks(
+        self, request: pb.ListBlocksRequest, context: Any, grant: Grant
+    ) -> pb.ListBlocksResponse:
+        """A page of the blocks held here, filtered (only namespaces the caller may read)."""
+        ns = convert.optional_text(request.namespace)
+        if ns is not None:
+            grant.require(convert.namespace(ns))
+        tier = convert.tier_from_proto(request.tier)
+        where = BlockFilter(
+            ns, validate_program_id(convert.optional_text(request.program_id)),
+            convert.block_type_from_proto(request.block_type),
+            None if tier is None else Tier(tier),
+        )  # fmt: skip
+        page = self._service.list_blocks(where, size=request.page_size, after=request.page_token,
+                                         allowed=grant.allows)  # fmt: skip
+        now = self._service.core.clock()
+        return pb.ListBlocksResponse(
+            blocks=[convert.block_info(m, now) for m in page.blocks],
+            next_page_token=page.next_token, node_id=self._service.node_id,
+        )  # fmt: skip
 
     @_streaming(mutating=False)
     def WatchEvents(
@@ -182,7 +246,12 @@ class KVFabricServicer(pb_grpc.KVFabricServicer):
         """Store a streamed batch of blocks: all of it, or nothing on a malformed stream."""
         deadline = self._deadline(context)
         with self._watchdog.watching(context, deadline):
+            started = time.perf_counter()
             spec, blocks = servicer_data.read_put(request_iterator, self._config, grant, deadline)
+            self._telemetry.inc("transfer_bytes", spec.total_bytes, transport="grpc",
+                                direction="in")  # fmt: skip
+            self._telemetry.inc("transfer_seconds", time.perf_counter() - started,
+                                transport="grpc", direction="in")  # fmt: skip
         outcomes = self._service.put(
             spec.namespace,
             spec.hashes,
@@ -216,15 +285,19 @@ class KVFabricServicer(pb_grpc.KVFabricServicer):
         ns, chain = self._chain(request.namespace, request.hashes, grant)
         ttl = convert.seconds(request.ttl_s, "ttl_s")
         res = self._service.pin(ns, chain, validate_owner(request.owner), ttl)
+        self._telemetry.inc("pins", len(res.pinned), op="pin")
+        missing = set(res.missing)
         return pb.PinResponse(
-            pinned=len(res.pinned), missing=len(res.missing), new_bytes=res.new_bytes
-        )
+            pinned=len(res.pinned), missing=len(res.missing), new_bytes=res.new_bytes,
+            missing_indexes=[i for i, h in enumerate(chain) if BlockKey(ns, h) in missing],
+        )  # fmt: skip
 
     @_unary(mutating=True)
     def Unpin(self, request: pb.UnpinRequest, context: Any, grant: Grant) -> pb.UnpinResponse:
         """Drop one pin of ``owner`` on each block."""
         ns, chain = self._chain(request.namespace, request.hashes, grant)
         released = self._service.unpin(ns, chain, validate_owner(request.owner))
+        self._telemetry.inc("pins", released, op="unpin")
         return pb.UnpinResponse(released=released)
 
     @_unary(mutating=True)

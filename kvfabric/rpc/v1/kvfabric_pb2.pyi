@@ -76,14 +76,16 @@ class Location(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., tier: _Optional[_Union[Tier, str]] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("namespace", "hashes", "local_only")
+    __slots__ = ("namespace", "hashes", "local_only", "block_tokens")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     HASHES_FIELD_NUMBER: _ClassVar[int]
     LOCAL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TOKENS_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     hashes: _containers.RepeatedScalarFieldContainer[bytes]
     local_only: bool
-    def __init__(self, namespace: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., local_only: _Optional[bool] = ...) -> None: ...
+    block_tokens: int
+    def __init__(self, namespace: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., local_only: _Optional[bool] = ..., block_tokens: _Optional[int] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("matched", "locations")
@@ -202,14 +204,16 @@ class PinRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., owner: _Optional[str] = ..., ttl_s: _Optional[float] = ...) -> None: ...
 
 class PinResponse(_message.Message):
-    __slots__ = ("pinned", "missing", "new_bytes")
+    __slots__ = ("pinned", "missing", "new_bytes", "missing_indexes")
     PINNED_FIELD_NUMBER: _ClassVar[int]
     MISSING_FIELD_NUMBER: _ClassVar[int]
     NEW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MISSING_INDEXES_FIELD_NUMBER: _ClassVar[int]
     pinned: int
     missing: int
     new_bytes: int
-    def __init__(self, pinned: _Optional[int] = ..., missing: _Optional[int] = ..., new_bytes: _Optional[int] = ...) -> None: ...
+    missing_indexes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, pinned: _Optional[int] = ..., missing: _Optional[int] = ..., new_bytes: _Optional[int] = ..., missing_indexes: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class UnpinRequest(_message.Message):
     __slots__ = ("namespace", "hashes", "owner")
@@ -316,7 +320,7 @@ class TierStats(_message.Message):
     def __init__(self, tier: _Optional[_Union[Tier, str]] = ..., blocks: _Optional[int] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("node_id", "address", "tiers", "counters", "pinned_bytes", "pinned_blocks", "blocks_by_type")
+    __slots__ = ("node_id", "address", "tiers", "counters", "pinned_bytes", "pinned_blocks", "blocks_by_type", "bytes_by_type", "namespaces")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -331,6 +335,13 @@ class StatsResponse(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class BytesByTypeEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TIERS_FIELD_NUMBER: _ClassVar[int]
@@ -338,6 +349,8 @@ class StatsResponse(_message.Message):
     PINNED_BYTES_FIELD_NUMBER: _ClassVar[int]
     PINNED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_BY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_BY_TYPE_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     tiers: _containers.RepeatedCompositeFieldContainer[TierStats]
@@ -345,7 +358,67 @@ class StatsResponse(_message.Message):
     pinned_bytes: int
     pinned_blocks: int
     blocks_by_type: _containers.ScalarMap[str, int]
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., counters: _Optional[_Mapping[str, int]] = ..., pinned_bytes: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., blocks_by_type: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    bytes_by_type: _containers.ScalarMap[str, int]
+    namespaces: _containers.RepeatedCompositeFieldContainer[NamespaceStats]
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierStats, _Mapping]]] = ..., counters: _Optional[_Mapping[str, int]] = ..., pinned_bytes: _Optional[int] = ..., pinned_blocks: _Optional[int] = ..., blocks_by_type: _Optional[_Mapping[str, int]] = ..., bytes_by_type: _Optional[_Mapping[str, int]] = ..., namespaces: _Optional[_Iterable[_Union[NamespaceStats, _Mapping]]] = ...) -> None: ...
+
+class NamespaceStats(_message.Message):
+    __slots__ = ("namespace", "block_bytes")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    block_bytes: int
+    def __init__(self, namespace: _Optional[str] = ..., block_bytes: _Optional[int] = ...) -> None: ...
+
+class ListBlocksRequest(_message.Message):
+    __slots__ = ("namespace", "program_id", "block_type", "tier", "page_size", "page_token")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TYPE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    program_id: str
+    block_type: BlockType
+    tier: Tier
+    page_size: int
+    page_token: str
+    def __init__(self, namespace: _Optional[str] = ..., program_id: _Optional[str] = ..., block_type: _Optional[_Union[BlockType, str]] = ..., tier: _Optional[_Union[Tier, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class BlockInfo(_message.Message):
+    __slots__ = ("namespace", "hash", "tier", "block_type", "program_id", "size", "pins", "pin_owners", "idle_s", "access_count")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_TYPE_FIELD_NUMBER: _ClassVar[int]
+    PROGRAM_ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    PINS_FIELD_NUMBER: _ClassVar[int]
+    PIN_OWNERS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    ACCESS_COUNT_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    hash: bytes
+    tier: Tier
+    block_type: BlockType
+    program_id: str
+    size: int
+    pins: int
+    pin_owners: _containers.RepeatedScalarFieldContainer[str]
+    idle_s: float
+    access_count: int
+    def __init__(self, namespace: _Optional[str] = ..., hash: _Optional[bytes] = ..., tier: _Optional[_Union[Tier, str]] = ..., block_type: _Optional[_Union[BlockType, str]] = ..., program_id: _Optional[str] = ..., size: _Optional[int] = ..., pins: _Optional[int] = ..., pin_owners: _Optional[_Iterable[str]] = ..., idle_s: _Optional[float] = ..., access_count: _Optional[int] = ...) -> None: ...
+
+class ListBlocksResponse(_message.Message):
+    __slots__ = ("blocks", "next_page_token", "node_id")
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedCompositeFieldContainer[BlockInfo]
+    next_page_token: str
+    node_id: str
+    def __init__(self, blocks: _Optional[_Iterable[_Union[BlockInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class WatchEventsRequest(_message.Message):
     __slots__ = ("from_seq", "follow")

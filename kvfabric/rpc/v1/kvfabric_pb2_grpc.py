@@ -94,6 +94,11 @@ class KVFabricStub:
                 request_serializer=kvfabric_dot_rpc_dot_v1_dot_kvfabric__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=kvfabric_dot_rpc_dot_v1_dot_kvfabric__pb2.Event.FromString,
                 _registered_method=True)
+        self.ListBlocks = channel.unary_unary(
+                '/kvfabric.v1.KVFabric/ListBlocks',
+                request_serializer=kvfabric_dot_rpc_dot_v1_dot_kvfabric__pb2.ListBlocksRequest.SerializeToString,
+                response_deserializer=kvfabric_dot_rpc_dot_v1_dot_kvfabric__pb2.ListBlocksResponse.FromString,
+                _registered_method=True)
 
 
 class KVFabricServicer:
@@ -171,6 +176,12 @@ class KVFabricServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListBlocks(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVFabricServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +244,11 @@ def add_KVFabricServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=kvfabric_dot_rpc_dot_v1_dot_kvfabric__pb2.WatchEventsRequest.FromString,
                     response_serializer=kvfabric_dot_rpc_dot_v1_dot_kvfabric__pb2.Event.SerializeToString,
+            ),
+            'ListBlocks': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBlocks,
+                    request_deserializer=kvfabric_dot_rpc_dot_v1_dot_kvfabric__pb2.ListBlocksRequest.FromString,
+                    response_serializer=kvfabric_dot_rpc_dot_v1_dot_kvfabric__pb2.ListBlocksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -559,6 +575,33 @@ class KVFabric:
             '/kvfabric.v1.KVFabric/WatchEvents',
             kvfabric_dot_rpc_dot_v1_dot_kvfabric__pb2.WatchEventsRequest.SerializeToString,
             kvfabric_dot_rpc_dot_v1_dot_kvfabric__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBlocks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvfabric.v1.KVFabric/ListBlocks',
+            kvfabric_dot_rpc_dot_v1_dot_kvfabric__pb2.ListBlocksRequest.SerializeToString,
+            kvfabric_dot_rpc_dot_v1_dot_kvfabric__pb2.ListBlocksResponse.FromString,
             options,
             channel_credentials,
             insecure,
