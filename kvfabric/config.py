@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from kvfabric.errors import ConfigError
+from kvfabric.tiers.typepolicy import DEFAULT_SPEC as DEFAULT_TYPE_SPEC
+from kvfabric.tiers.typepolicy import TypeTable
 from kvfabric.types import BlockType
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -54,6 +56,22 @@ class KVFabricConfig:
         metadata={"doc": "name of the /dev/shm segment backing the arena (empty: private)"},
     )
     cpu_prefault: bool = field(default=True, metadata={"doc": "touch every arena page at start"})
+    local_channel: bool = field(
+        default=True,
+        metadata={"doc": "serve co-located clients through the shared-memory arena "
+                  "(the arena gets a per-node /dev/shm name unless cpu_arena_shm_name is set)"},
+    )  # fmt: skip
+    local_max_connections: int = field(
+        default=64, metadata=_bounded(1, 4096, "connections", "local-channel clients at once")
+    )
+    local_max_leases: int = field(
+        default=64,
+        metadata=_bounded(1, 65536, "leases", "open read leases + write reservations per client"),
+    )
+    local_lease_timeout_s: float = field(
+        default=30.0,
+        metadata=_bounded(0.05, 3600.0, "seconds", "when an unreleased lease or slot is reclaimed"),
+    )
     gpu_bytes: int = field(
         default=0, metadata=_bounded(0, 4 * TiB, "bytes", "GPU tier size (0 disables)")
     )
@@ -76,7 +94,29 @@ class KVFabricConfig:
         default=7 * 24 * 3600.0,
         metadata=_bounded(1.0, 365 * 24 * 3600.0, "seconds", "longest pin TTL"),
     )
-    policy: str = field(default="lru", metadata={"doc": "eviction policy name in the registry"})
+    policy: str = field(default="program", metadata={"doc": "eviction policy name in the registry"})
+    type_policies: str = field(
+        default=DEFAULT_TYPE_SPEC,
+        metadata={"doc": "per-type policy table 'TYPE:rank=N,ephemeral,floor=TIER;...'"},
+    )
+    program_pin_budget_bytes: int = field(
+        default=128 * MiB,
+        metadata=_bounded(0, 256 * TiB, "bytes", "bytes one program may hold pinned"),
+    )
+    program_pin_ttl_s: float = field(
+        default=3600.0,
+        metadata=_bounded(1.0, 365 * 24 * 3600.0, "seconds", "TTL of a fork's prefix pin"),
+    )
+    tool_lease_default_s: float = field(
+        default=30.0,
+        metadata=_bounded(0.0, 7 * 24 * 3600.0, "seconds", "lease of a tool call, no estimate"),
+    )
+    tool_lease_slack: float = field(
+        default=1.5, metadata=_bounded(1.0, 100.0, "", "lease = expected tool duration x slack")
+    )
+    max_programs: int = field(
+        default=100_000, metadata=_bounded(1, 1 << 24, "programs", "programs a node tracks at once")
+    )
     status_interval_s: float = field(
         default=5.0, metadata=_bounded(0.1, 3600.0, "seconds", "status line period of `up`")
     )
@@ -100,6 +140,10 @@ class KVFabricConfig:
     )
     join_push_blocks: int = field(
         default=1024, metadata=_bounded(0, 1 << 24, "blocks", "hot blocks pushed to a new node")
+    )
+    metrics_interval_s: float = field(
+        default=2.0,
+        metadata=_bounded(0.1, 3600.0, "seconds", "how often actors export kvfabric_* metrics"),
     )
     directory_snapshot_every: int = field(
         default=10_000, metadata=_bounded(10, 1 << 30, "events", "events between snapshots")
@@ -181,6 +225,7 @@ class KVFabricConfig:
                 )
         if not self.policy:
             raise ConfigError("config field policy must name a registered policy", "policy")
+        _ = self.type_table  # parses type_policies: ConfigError naming the field when bad
         if self.cpu_arena_shm_name and not re.fullmatch(
             r"[A-Za-z0-9_.-]{1,200}", self.cpu_arena_shm_name
         ):
@@ -188,6 +233,11 @@ class KVFabricConfig:
                 "config field cpu_arena_shm_name may hold only letters, digits, '_', '.', '-'",
                 "cpu_arena_shm_name",
             )
+
+    @property
+    def type_table(self) -> TypeTable:
+        """The per-type policy table (type_policies plus replicate_types)."""
+        return TypeTable.from_config(self.type_policies, self.replicated_types)
 
     @property
     def replicated_types(self) -> frozenset[BlockType]:

@@ -22,3 +22,6 @@ def _cluster(**kw: Any) -> dict[str, Any]:
 
 BENCHMARKS: dict[str, Runner] = {"tiers": _tiers, "cluster": _cluster}
 BENCHMARKS["rpc"] = lambda **kw: __import__("kvfabric.bench.rpc", fromlist=["run"]).run(**kw)
+BENCHMARKS["local"] = lambda **kw: __import__("kvfabric.bench.local", fromlist=["run"]).run(**kw)
+BENCHMARKS["vllm"] = lambda **kw: __import__("kvfabric.bench.vllm", fromlist=["run"]).run(**kw)
+BENCHMARKS["sglang"] = lambda **kw: __import__("kvfabric.bench.sglang", fromlist=["run"]).run(**kw)

@@ -280,7 +280,8 @@ class KVFabricConnector(KVConnectorBase_V1):  # type: ignore[misc]  # vLLM is un
         try:
             hashes = [bytes(h) for h in chain_hashes(tokens[: usable * bs], bs, _extras(request))]
             timeout = self._settings.lookup_timeout_s
-            found = self._get_client().lookup(self._namespace, hashes, timeout_s=timeout)
+            found = self._get_client().lookup(self._namespace, hashes, timeout_s=timeout,
+                                              block_tokens=bs)  # fmt: skip
         except NotFound:  # the node has never seen this namespace
             self._breaker.succeeded()
             return 0, False

@@ -23,6 +23,7 @@ from kvfabric.cluster import NAMESPACE, alive_node_ids, node_actor_name
 from kvfabric.config import KVFabricConfig
 from kvfabric.directory.service import DirectoryService
 from kvfabric.errors import Unavailable
+from kvfabric.metrics import Exporter
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class DirectoryActorImpl(DirectoryService):
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="kvfabric-supervisor", daemon=True)
         self._thread.start()
+        self.exporter = Exporter(self.telemetry, self.record_metrics, config.metrics_interval_s)
+        self.exporter.start()
 
     def ping(self) -> int:
         """Liveness check; returns the current event sequence number."""
@@ -68,6 +71,7 @@ class DirectoryActorImpl(DirectoryService):
         """Stop the supervisor and close the log (the actor can then be killed)."""
         self._stop.set()
         self._thread.join(timeout=10)
+        self.exporter.stop()
         self.close()
 
     def _loop(self) -> None:

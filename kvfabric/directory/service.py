@@ -26,6 +26,7 @@ from kvfabric.directory.log import DirectoryLog
 from kvfabric.directory.model import ClaimStatus, InventoryItem
 from kvfabric.directory.planner import CopyTask, plan_copies, plan_join, plan_type_replication
 from kvfabric.errors import KVFabricError, NotFound
+from kvfabric.metrics import Telemetry
 from kvfabric.node.changes import ChangeKind, NodeChange
 from kvfabric.types import BlockKey, Tier
 
@@ -52,11 +53,14 @@ class DirectoryService:
         snapshot, events = self.log.load()
         self.core = DirectoryCore.restore(snapshot, events, claim_timeout_s=config.claim_timeout_s)
         self._lock = threading.RLock()
+        self.telemetry = Telemetry("directory")
         log.info(
             "directory restored at seq %d with %d nodes", self.core.seq, len(self.core.nodes())
         )
 
     def _persist(self, events: Sequence[Event]) -> None:
+        for ev in events:
+            self.telemetry.inc("directory_events", kind=ev.kind.name)
         if events:
             self.log.append(list(events))
             self.log.maybe_snapshot(self.core)
@@ -187,6 +191,14 @@ class DirectoryService:
             "locations": [(loc.node_id, loc.address, int(loc.tier)) for loc in res.locations],
         }
 
+    def warmth(self, namespace: str, hashes: list[bytes]) -> list[dict[str, Any]]:
+        """Per node, the leading blocks of the chain it holds and their tiers; best first."""
+        return [
+            {"node_id": w.node_id, "address": w.address, "matched": w.matched,
+             "tiers": [int(t) for t in w.tiers]}
+            for w in self.core.warmth(namespace, hashes)
+        ]  # fmt: skip
+
     def events_since(self, seq: int, limit: int = 1000) -> list[Event]:
         """Events after ``seq`` (from memory, or from the durable log if older)."""
         try:
@@ -201,6 +213,13 @@ class DirectoryService:
     def seq(self) -> int:
         """Last applied event sequence number."""
         return self.core.seq
+
+    def record_metrics(self) -> None:
+        """Set the directory's gauges (called by the metrics exporter)."""
+        nodes = self.core.nodes()
+        self.telemetry.set("directory_seq", self.core.seq)
+        self.telemetry.set("directory_nodes", len(nodes))
+        self.telemetry.set("directory_replicas", sum(n.blocks for n in nodes))
 
     # -- replication --------------------------------------------------------------------
     def replicate(self, keys: list[BlockKey]) -> int:

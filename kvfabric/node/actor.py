@@ -15,6 +15,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from kvfabric import metrics
 from kvfabric.cluster import directory_handle
 from kvfabric.config import KVFabricConfig
 from kvfabric.errors import DeadlineExceeded, Unavailable
@@ -124,10 +125,18 @@ class NodeStoreActorImpl(NodeStoreService):
         from kvfabric.rpc.server import start_server
 
         self.rpc = start_server(self, self.config)
-        self.rpc_address = self.rpc.address
+        self.start_local()  # engines on this host copy blocks through the shared arena
+        # Listening on every interface (a container): advertise the node's own address.
+        wildcard = config.rpc_host in ("0.0.0.0", "::", "[::]")
+        self.rpc_address = f"{host}:{self.rpc.port}" if wildcard else self.rpc.address
+        self.exporter = metrics.Exporter(
+            self.telemetry, lambda: metrics.record_node_stats(self.telemetry, self.stats()),
+            config.metrics_interval_s,
+        ).start()  # fmt: skip
 
     def close(self) -> None:
-        """Stop the gRPC API, then the data plane and the tiers."""
+        """Stop the metrics export and the gRPC API, then the data plane and the tiers."""
+        self.exporter.stop()
         self.rpc.stop()
         super().close()
 

@@ -36,6 +36,7 @@ from kvfabric.hints import ProgramHint
 from kvfabric.node.changes import ChangeFeed, ChangeKind
 from kvfabric.node.leases import ReadLease, WriteReservation
 from kvfabric.node.pins import PinTable
+from kvfabric.node.programs import HintPlan, ProgramTable
 from kvfabric.node.results import (
     Counters,
     LookupResult,
@@ -47,7 +48,7 @@ from kvfabric.node.results import (
     TierStats,
 )
 from kvfabric.tiers.base import BlockRecord, TierBackend
-from kvfabric.tiers.policy import make_policy
+from kvfabric.tiers.policy import Policy, PolicyContext, make_policy
 from kvfabric.types import (
     BlockHash,
     BlockKey,
@@ -99,6 +100,7 @@ class NodeStoreCore:
         tiers: dict[Tier, TierBackend] | None = None,
         clock: Callable[[], float] = time.monotonic,
         selftest: bool = True,
+        policy: Policy | None = None,
     ) -> None:
         if selftest:
             from kvfabric.hashing import require_selftest
@@ -106,13 +108,22 @@ class NodeStoreCore:
             require_selftest()
         self.config = config
         self.clock = clock
-        self.policy = make_policy(config.policy)
+        # ``policy`` lets the simulator run an offline baseline (Bélády) on the same core.
+        self.policy = policy if policy is not None else make_policy(config.policy)
         self.tiers = tiers if tiers is not None else build_tiers(config)
+        self.types = config.type_table
+        self.policy.bind(PolicyContext(clock, self.types, config.tool_lease_default_s,
+                                       config.tool_lease_slack, tuple(sorted(self.tiers))))
+        self.programs = ProgramTable(config.max_programs, config.tool_lease_default_s)
         self.counters = Counters()
-        self.pins = PinTable(config.pin_budget_bytes, config.max_pin_ttl_s)
+        self.pins = PinTable(
+            config.pin_budget_bytes, config.max_pin_ttl_s, config.program_pin_budget_bytes
+        )
         self._index: dict[str, dict[bytes, BlockMeta]] = {}
         self._namespaces: dict[str, NamespaceInfo] = {}
         self._inflight: set[BlockKey] = set()
+        # Blocks being moved: a cascade of demotions making room for one must not push it out.
+        self._relocating: set[BlockKey] = set()
         self.changes = ChangeFeed()
         self._ttl_heap: list[tuple[float, str, bytes]] = []
         self._lock = threading.RLock()
@@ -419,12 +430,23 @@ class NodeStoreCore:
         return [m for k in keys if (m := self.meta(k)) is not None]
 
     # -- pins ---------------------------------------------------------------------------
-    def pin(self, keys: Sequence[BlockKey], owner: str, ttl_s: float | None = None) -> PinResult:
-        """Pin the present blocks of ``keys`` for ``owner``; absent ones are reported."""
+    def pin(
+        self,
+        keys: Sequence[BlockKey],
+        owner: str,
+        ttl_s: float | None = None,
+        *,
+        program_id: str | None = None,
+    ) -> PinResult:
+        """Pin the present blocks of ``keys`` for ``owner``; absent ones are reported.
+
+        With ``program_id`` the pin also counts against that program's pin budget.
+        """
+        validate_program_id(program_id)
         with self._lock:
             self._expire()
             present, missing = self._split(keys)
-            new_bytes = self.pins.pin(present, owner, ttl_s, self.clock())
+            new_bytes = self.pins.pin(present, owner, ttl_s, self.clock(), program_id=program_id)
             for m in present:
                 self.changes.record(ChangeKind.PINS, m)
         return PinResult(tuple(m.key for m in present), tuple(missing), new_bytes)
@@ -480,13 +502,88 @@ class NodeStoreCore:
                     heapq.heappush(
                         self._ttl_heap, (meta.expires_at, meta.key.namespace, meta.key.hash)
                     )
+                self.policy.on_update(meta)
                 self.changes.record(ChangeKind.ANNOTATED, meta)
             return len(present)
 
-    def hint(self, hint: ProgramHint) -> None:
-        """Pass a validated program hint to the policy."""
+    def hint(self, hint: ProgramHint) -> HintPlan:
+        """Apply a program hint: check it, pin/unpin/demote/prefetch as it asks, tell the policy.
+
+        A refused hint (unknown program, join without fork, pin budget) raises
+        a typed error and changes nothing. A tool call's start moves the
+        context out of the GPU tier (the memory the running programs compute
+        in); where the fastest tier is host memory it stays put and the policy
+        makes it the first demoted, not dropped, when that tier needs room. The
+        GPU→CPU move takes only the CPU tier's free room (see
+        :meth:`_demote_into_room`).
+        """
         with self._lock:
+            self._expire()
+            now = self.clock()
+            plan = self.programs.plan(hint, now)
+            if plan.pin_owner is not None:
+                present, _ = self._split(plan.pin_keys)
+                ttl = min(self.config.program_pin_ttl_s, self.config.max_pin_ttl_s)
+                self.pins.pin(present, plan.pin_owner, ttl, now, program_id=hint.program_id)
+                for m in present:
+                    self.changes.record(ChangeKind.PINS, m)
+            plan.commit()
+            for owner, keys in plan.unpins:
+                held = self._split(keys)[0]
+                self.pins.unpin(held, owner, all_counts=True)
+                self.pins.forget_owner(owner)
+                for m in held:
+                    self.changes.record(ChangeKind.PINS, m)
             self.policy.on_hint(hint)
+            try:
+                if plan.demote_keys and min(self.tiers) == Tier.GPU and len(self.tiers) > 1:
+                    self._demote_into_room(plan.demote_keys, sorted(self.tiers)[1])
+                if plan.prefetch_keys:
+                    self._relocate_many(plan.prefetch_keys, min(self.tiers), only_up=True)
+            except ResourceExhausted as exc:  # the hint is applied; the move is best effort
+                log.info("moves of program %s hint %s stopped: %s",
+                         hint.program_id, hint.kind.value, exc.message)  # fmt: skip
+            return plan
+
+    def _demote_into_room(self, keys: Sequence[BlockKey], below: Tier) -> None:
+        """Move a leased context's GPU blocks to ``below`` as far as it has free room.
+
+        Pushing other blocks down (and the slowest tier's out) to make room
+        would lose them now for a context that is, at worst, demoted first
+        later: the policy ranks a leased context by its expected return, so
+        what does not fit now leaves the GPU tier before any running program's
+        blocks when that tier needs room (demoted, not dropped).
+        """
+        backend = self.tiers[below]
+        for meta in self._split(keys)[0]:
+            if meta.tier != Tier.GPU or meta.pinned:
+                continue
+            if not backend.can_fit([meta.size]):
+                break
+            self._relocate_many([meta.key], below, only_up=False)
+
+    def note_replicas(self, keys: Sequence[BlockKey], elsewhere: Sequence[int]) -> int:
+        """Tell the policy how many copies of each key other nodes hold (from the directory).
+
+        Losing a block copied elsewhere costs a fetch, losing the sole copy a
+        recompute; the policy may use this to choose its victims. Keys not
+        stored here are skipped; returns how many were. Validated whole first.
+        """
+        if len(keys) != len(elsewhere):
+            raise InvalidArgument(f"{len(keys)} keys but {len(elsewhere)} counts", "elsewhere")
+        for key, n in zip(keys, elsewhere, strict=True):
+            if not isinstance(key, BlockKey):
+                raise InvalidArgument(f"key must be a BlockKey, got {type(key).__name__}", "keys")
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise InvalidArgument(f"replica counts must be ints >= 0, got {n!r}", "elsewhere")
+        with self._lock:
+            present = 0
+            for key, n in zip(keys, elsewhere, strict=True):
+                meta = self._find(key)
+                if meta is not None:
+                    self.policy.on_replicas(meta, n)
+                    present += 1
+            return present
 
     def _expire_blocks(self) -> None:
         now = self.clock()
@@ -497,6 +594,7 @@ class NodeStoreCore:
                 continue  # gone, re-annotated, or held by a pin (expires when unpinned)
             self._drop(meta)
             self.counters.evictions += 1
+            self.counters.evictions_ttl += 1
 
     # -- evict, move, prefetch ----------------------------------------------------------
     def evict(self, keys: Sequence[BlockKey]) -> int:
@@ -514,10 +612,24 @@ class NodeStoreCore:
             for meta in present:
                 self._drop(meta)
                 self.counters.evictions += 1
+            self.counters.evictions_requested += len(present)
             return len(present)
 
     def move(self, keys: Sequence[BlockKey], tier: Tier) -> MoveResult:
-        """Move blocks (pinned ones too) to ``tier`` on this node."""
+        """Move blocks (pinned ones too) to ``tier`` on this node.
+
+        A pinned block whose type has a pinned floor (execution checkpoints:
+        CPU) is never moved below it: the whole move is refused.
+        """
+        with self._lock:
+            for meta in self._split(keys)[0]:
+                floor = self.types.rule(meta.type).pinned_floor
+                if meta.pinned and floor is not None and isinstance(tier, Tier) and tier > floor:
+                    raise FailedPrecondition(
+                        f"block {meta.key.short()} is a pinned {meta.type.name}: it may not go "
+                        f"below {floor.name} while pinned",
+                        "tier",
+                    )
         return self._relocate_many(keys, tier, only_up=False)
 
     def prefetch(self, keys: Sequence[BlockKey], tier: Tier | None = None) -> MoveResult:
@@ -544,6 +656,7 @@ class NodeStoreCore:
                 moved.append(meta.key)
                 self.counters.promotions += tier < old_tier
                 self.counters.demotions += tier > old_tier
+                self.counters.demotions_requested += tier > old_tier
         return MoveResult(tuple(moved), tuple(unchanged), tuple(missing), tuple(corrupt))
 
     # -- data plane ---------------------------------------------------------------------
@@ -608,14 +721,19 @@ class NodeStoreCore:
             handles = [backend.prepare_put([r]) for r in todo]
             self._inflight.update(r.key for r in todo)
 
-        def commit(received: list[bool]) -> list[PutResult | None]:
+        def commit(received: list[bool], sums: list[int] | None) -> list[PutResult | None]:
             out: list[PutResult | None] = []
+            recs = todo if sums is None else [
+                BlockRecord(r.key, r.size, c, r.type, r.program_id)
+                for r, c in zip(todo, sums, strict=True)
+            ]  # fmt: skip
             # Verify outside the lock: other blocks keep moving while these are hashed.
             verified = [got and integrity.checksum(h.buffers[0]) == r.checksum
-                        for r, h, got in zip(todo, handles, received, strict=True)]  # fmt: skip
+                        for r, h, got in zip(recs, handles, received, strict=True)]  # fmt: skip
             with self._lock:
                 self._inflight.difference_update(r.key for r in todo)
-                for r, handle, got, ok in zip(todo, handles, received, verified, strict=True):
+                for r, handle, got, ok in zip(recs, handles, received, verified, strict=True):
+                    handle.set_checksums([r.checksum])
                     if not ok:
                         backend.abort_put(handle)
                         self.counters.checksum_failures += got
@@ -696,7 +814,9 @@ class NodeStoreCore:
             )
         while not backend.can_fit(sizes):
             need = max(sum(sizes) - (backend.capacity() - backend.used()), min(sizes))
-            victims = self.policy.victims(tier, need, lambda m: not m.pinned)
+            victims = self.policy.victims(
+                tier, need, lambda m: not m.pinned and m.key not in self._relocating
+            )
             if not victims:
                 raise ResourceExhausted(
                     f"{tier.name} tier is full and every block in it is pinned: "
@@ -727,7 +847,11 @@ class NodeStoreCore:
         On a checksum mismatch the block is dropped and Corrupt raised.
         """
         src, dst = self.tiers[meta.tier], self.tiers[dst_tier]
-        self._make_room(dst_tier, [meta.size])
+        self._relocating.add(meta.key)
+        try:
+            self._make_room(dst_tier, [meta.size])
+        finally:
+            self._relocating.discard(meta.key)
         handle = dst.prepare_put([BlockRecord(meta.key, meta.size, 0, meta.type, meta.program_id)])
         lease = None
         try:
@@ -806,11 +930,13 @@ class NodeStoreCore:
             self._expire()
             per_tier = dict.fromkeys(self.tiers, 0)
             by_type: dict[str, int] = {}
+            bytes_by_type: dict[str, int] = {}
             pinned_blocks = 0
             for index in self._index.values():
                 for m in index.values():
                     per_tier[m.tier] += 1
                     by_type[m.type.name] = by_type.get(m.type.name, 0) + 1
+                    bytes_by_type[m.type.name] = bytes_by_type.get(m.type.name, 0) + m.size
                     pinned_blocks += m.pinned
             tiers = tuple(
                 TierStats(t, per_tier[t], self.tiers[t].used(), self.tiers[t].capacity())
@@ -823,6 +949,7 @@ class NodeStoreCore:
                 pinned_blocks,
                 tuple(self._namespaces.values()),
                 by_type,
+                bytes_by_type,
             )
 
     def close(self) -> None:

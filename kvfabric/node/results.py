@@ -75,6 +75,11 @@ class Counters:
     promotions: int = 0
     checksum_failures: int = 0
     pins_expired: int = 0
+    # Why blocks left or went down (the totals above include them): asked for by a
+    # caller (Evict, Move) or a block TTL that ran out; the rest is capacity pressure.
+    evictions_requested: int = 0
+    evictions_ttl: int = 0
+    demotions_requested: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,3 +92,4 @@ class NodeStats:
     pinned_blocks: int
     namespaces: tuple[NamespaceInfo, ...]
     blocks_by_type: dict[str, int] = field(default_factory=dict)
+    bytes_by_type: dict[str, int] = field(default_factory=dict)

@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kvfabric.config import KVFabricConfig
 from kvfabric.errors import FailedPrecondition, InvalidArgument, KVFabricError, Unavailable
 from kvfabric.hints import HintKind, ProgramHint
+from kvfabric.metrics import Telemetry
 from kvfabric.node.changes import ChangeKind, NodeChange
 from kvfabric.node.core import NodeStoreCore
+from kvfabric.node.listing import BlockFilter, BlockPage, list_page
 from kvfabric.node.results import MoveResult, NodeStats, PinResult
+from kvfabric.tiers.base import BlockRecord
 from kvfabric.transfer import make_transport
 from kvfabric.types import (
     BLOCK_HASH_BYTES,
@@ -72,6 +76,37 @@ class PutOutcome:
     status: str  # "stored" | "exists" | "pending"
 
 
+@dataclass
+class ClaimedWrite:
+    """Arena slots reserved for a co-located writer, its keys claimed in the directory.
+
+    ``slots[j]`` receives the block of hash ``slot_index[j]``; ``outcomes[i]``
+    is already decided ("exists" or "pending") for every other hash. Exactly
+    one of :meth:`commit` and :meth:`abort` ends it.
+    """
+
+    slots: list[memoryview]
+    slot_index: list[int]
+    outcomes: list[str | None]
+    _commit: Callable[[list[int]], list[str]] = field(repr=False)
+    _abort: Callable[[], None] = field(repr=False)
+    _done: bool = field(default=False, repr=False)
+
+    def commit(self, checksums: list[int]) -> list[str]:
+        """Verify each slot against the writer's checksum and publish it; a status per hash
+        ("stored", "exists", "pending", or "corrupt" where the bytes did not match)."""
+        if self._done:
+            raise FailedPrecondition("the reservation was already ended", "reservation")
+        self._done = True
+        return self._commit(checksums)
+
+    def abort(self) -> None:
+        """Release the slots and the claims (idempotent after commit)."""
+        if not self._done:
+            self._done = True
+            self._abort()
+
+
 class NodeStoreService:
     """A node store that takes part in the cluster."""
 
@@ -84,8 +119,15 @@ class NodeStoreService:
         host: str = "127.0.0.1",
     ) -> None:
         self.node_id = node_id
+        if config.local_channel and not config.cpu_arena_shm_name:
+            from kvfabric.transfer.local.segment import remove_stale_segments, segment_name
+
+            remove_stale_segments()
+            config = config.replace(cpu_arena_shm_name=segment_name(node_id))
         self.config = config
+        self.local: Any = None  # the LocalServer, once start_local() ran
         self.core = NodeStoreCore(config)
+        self.telemetry = Telemetry(node_id[:12])
         self.directory = directory
         self.transport = make_transport(config.transport)
         self.address = self.transport.serve(self.core, config.data_host or host)
@@ -214,9 +256,11 @@ class NodeStoreService:
             failed: set[BlockKey] = set()
             for address, peer_keys in by_peer.items():
                 try:
+                    started = time.perf_counter()
                     res = self.transport.fetch(
                         address, peer_keys, self.core, timeout_s=self.config.rpc_timeout_s
                     )
+                    self._count_transfer(res.fetched, started)
                 except (Unavailable, OSError) as exc:
                     log.warning(
                         "fetch of %d blocks from %s failed: %s", len(peer_keys), address, exc
@@ -234,7 +278,9 @@ class NodeStoreService:
         """Copy blocks from the peer at ``address`` (used by the replication planner)."""
         keys = self._keys(namespace, hashes)
         self._ensure_namespace(namespace, size)
+        started = time.perf_counter()
         res = self.transport.fetch(address, keys, self.core, timeout_s=self.config.rpc_timeout_s)
+        self._count_transfer(res.fetched, started)
         self._sync()
         return len(res.fetched) + len(res.already_present)
 
@@ -255,6 +301,87 @@ class NodeStoreService:
         """Longest prefix held on this node and the tier of each block."""
         res = self.core.lookup(namespace, _chain(namespace, hashes))
         return res.matched, [int(t) for t in res.tiers]
+
+    # -- co-located clients (kvfabric.transfer.local) ------------------------------------
+    def start_local(self) -> bool:
+        """Serve co-located clients through the shared arena; False when it cannot be."""
+        if self.local is None and self.config.local_channel:
+            from kvfabric.transfer.local.server import LocalServer
+
+            try:
+                self.local = LocalServer(self)
+            except KVFabricError as exc:
+                log.warning("no local channel: %s", exc)
+        return self.local is not None
+
+    def open_put(
+        self, namespace: str, hashes: Sequence[bytes], size: int, *,
+        block_type: BlockType = BlockType.GENERIC, program_id: str | None = None,
+    ) -> ClaimedWrite:  # fmt: skip
+        """Reserve arena slots for blocks a co-located writer copies in (write once, like
+        :meth:`put`: each key is claimed in the directory first)."""
+        keys = self._keys(namespace, hashes)
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise InvalidArgument("block_bytes must be an integer", "block_bytes")
+        self._ensure_namespace(namespace, size)
+        known = self.core.namespace(namespace).block_bytes
+        if size != known:
+            raise InvalidArgument(
+                f"block_bytes={size}; namespace {namespace} blocks are {known} bytes",
+                "block_bytes",
+            )
+        outcomes: list[str | None] = [None] * len(keys)
+        won, writer = list(range(len(keys))), f"{self.node_id[:16]}:{uuid.uuid4().hex[:16]}"
+        if self.directory is not None and keys:
+            claims = self.directory.claim_many(self.node_id, writer, [(k, size) for k in keys])
+            won = [i for i, c in enumerate(claims) if c == "granted"]
+            for i, c in enumerate(claims):
+                if c != "granted":
+                    outcomes[i] = "exists" if c == "committed" else "pending"
+        records = [BlockRecord(keys[i], size, 0, block_type, program_id) for i in won]
+        try:
+            res = self.core.open_write(records)
+        except BaseException:
+            self._abort_claims(writer, [keys[i] for i in won])
+            raise
+        first: dict[BlockKey, int] = {}
+        for i in won:
+            first.setdefault(keys[i], i)
+        slot_index = [first[r.key] for r in res.records]
+        for i in set(won) - set(slot_index):
+            outcomes[i] = "exists"  # stored or being stored here already, or a repeated hash
+        self._abort_claims(writer, res.present)
+
+        def commit(sums: list[int]) -> list[str]:
+            results = res.commit(None, sums)
+            out = ["exists" if o is None else o for o in outcomes]
+            stored = [r.key for r in results if r is not None]
+            failed = [r.key for r, got in zip(res.records, results, strict=True) if got is None]
+            for k in failed:
+                out[first[k]] = "corrupt"
+            committed = [True] * len(stored)
+            if self.directory is not None:
+                changes = [self._as_change(m) for k in stored if (m := self.core.meta(k))]
+                committed = self.directory.commit_many(self.node_id, writer, changes)
+                stored = [c.key for c in changes]
+                self._abort_claims(writer, failed)
+            self._sync()
+            for k, ok in zip(stored, committed, strict=True):
+                out[first[k]] = "stored" if ok else "exists"
+            if self.directory is not None and block_type in self.config.replicated_types:
+                self.directory.replicate(stored)
+            return out
+
+        def abort() -> None:
+            res.abort()
+            self._abort_claims(writer, [r.key for r in res.records])
+
+        return ClaimedWrite([memoryview(b) for b in res.buffers], slot_index, outcomes,
+                            commit, abort)  # fmt: skip
+
+    def _abort_claims(self, writer: str, keys: Sequence[BlockKey]) -> None:
+        if self.directory is not None and keys:
+            self.directory.abort_many(self.node_id, writer, list(keys))
 
     # -- control ------------------------------------------------------------------------
     def pin(self, namespace: str, hashes: Sequence[bytes], owner: str,
@@ -333,13 +460,15 @@ class NodeStoreService:
 
     def hint(self, hint: ProgramHint) -> dict[str, Any]:
         """Apply a program hint: the policy learns it; a fork copies its prefix to the targets."""
-        self.core.hint(hint)
+        fanout = hint.kind == HintKind.FORK and bool(hint.targets) and bool(hint.hashes)
+        if fanout and self.directory is None:  # refused before anything changes
+            raise FailedPrecondition("a fork to other nodes needs the cluster directory", "targets")
+        try:
+            self.core.hint(hint)  # may pin (a fork's prefix) or move blocks (a tool-call lease)
+        finally:
+            self._sync()
         copied = 0
-        if hint.kind == HintKind.FORK and hint.targets and hint.hashes:
-            if self.directory is None:
-                raise FailedPrecondition(
-                    "a fork to other nodes needs the cluster directory", "targets"
-                )
+        if fanout and self.directory is not None:
             keys = [BlockKey(hint.namespace, h) for h in hint.hashes]
             copied = self.directory.fanout(keys, list(hint.targets))
         return {"accepted": True, "copied": copied}
@@ -361,16 +490,36 @@ class NodeStoreService:
         """The core's statistics."""
         return self.core.stats()
 
+    def list_blocks(
+        self, where: BlockFilter, *, size: int = 0, after: str = "",
+        allowed: Callable[[str], bool] = lambda ns: True,
+    ) -> BlockPage:  # fmt: skip
+        """One page of the blocks held here (NotFound for a namespace this node never saw)."""
+        if where.namespace is not None:
+            self.core.namespace(where.namespace)
+        metas = self.core.inventory(where.namespace)
+        return list_page(metas, where, size=size, after=after, allowed=allowed)
+
     def ping(self) -> str:
         """Liveness check for the directory."""
         return self.node_id
 
     def close(self) -> None:
         """Stop serving and release the tiers."""
+        if self.local is not None:
+            self.local.close()
         self.transport.close()
         self.core.close()
 
     # -- internals ----------------------------------------------------------------------
+    def _count_transfer(self, fetched: Sequence[BlockKey], started: float) -> None:
+        """Bytes and seconds of one fetch over the data plane, by transport."""
+        seconds = time.perf_counter() - started
+        size = sum(self.core.namespace(k.namespace).block_bytes for k in fetched)
+        name = self.transport.name
+        self.telemetry.inc("transfer_bytes", size, transport=name, direction="in")
+        self.telemetry.inc("transfer_seconds", seconds, transport=name, direction="in")
+
     def _sync(self) -> None:
         """Report the core's changes to the directory (in order, under one lock)."""
         if self.directory is None:
