@@ -312,6 +312,17 @@ def _coerce(name: str, kind: type, raw: Any) -> Any:
 _FIELD_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
 
 
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A TOML config file's contents; ConfigError (field ``config``) if unreadable or invalid."""
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}", "config") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}", "config") from None
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None,
     *,
@@ -323,13 +334,7 @@ def load_config(
     kinds = {f.name: _FIELD_TYPES[str(f.type)] for f in fields(KVFabricConfig)}
     values: dict[str, Any] = dataclasses.asdict(base) if base else {}
     if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}", "config") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}", "config") from None
+        data = read_toml(path)
         table = data.get("kvfabric", data)
         if not isinstance(table, dict):
             raise ConfigError(f"config file {path}: [kvfabric] must be a table", "config")

@@ -85,3 +85,13 @@ class DeadlineExceeded(KVFabricError):
     """An operation did not finish within its deadline."""
 
     code = "DEADLINE_EXCEEDED"
+
+
+BY_CODE: dict[str, type[KVFabricError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument, NotFound, AlreadyExists, ResourceExhausted, FailedPrecondition,
+        Unauthenticated, PermissionDenied, Corrupt, Unavailable, DeadlineExceeded,
+    )
+}  # fmt: skip
+"""The error class of each status-code name (ConfigError shares InvalidArgument's)."""

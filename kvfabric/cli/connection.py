@@ -25,7 +25,6 @@ printed: :meth:`Connection.describe` redacts it.
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Annotated, Any
 
 import typer
 
+from kvfabric.config import read_toml
 from kvfabric.errors import ConfigError, InvalidArgument, NotFound, Unavailable
 
 TargetOpt = Annotated[
@@ -85,13 +85,7 @@ class Connection:
 
 
 def _read_table(path: Path) -> tuple[dict[str, Any], str | None]:
-    try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc.strerror}", "config") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}", "config") from None
+    data = read_toml(path)
     table = data.get("client", {})
     if not isinstance(table, dict):
         raise ConfigError(f"config file {path}: [client] must be a table", "config")

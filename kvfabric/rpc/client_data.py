@@ -247,14 +247,7 @@ def event_from_pb(e: pb.Event) -> Event:
 
 
 # -- errors ----------------------------------------------------------------------------------
-_ERRORS: dict[str, type[KVFabricError]] = {
-    cls.code: cls
-    for cls in (
-        errors.InvalidArgument, errors.NotFound, errors.AlreadyExists, errors.ResourceExhausted,
-        errors.FailedPrecondition, errors.Unauthenticated, errors.PermissionDenied,
-        errors.Corrupt, errors.Unavailable, errors.DeadlineExceeded,
-    )
-}  # fmt: skip
+
 FIELD_METADATA_KEY = "kvfabric-field"  # trailing metadata naming the offending field, if sent
 
 
@@ -269,7 +262,7 @@ def error_from_rpc(exc: Any) -> KVFabricError:
     for k, v in trailing or ():
         if k == FIELD_METADATA_KEY and isinstance(v, str):
             field_name = v
-    cls = _ERRORS.get(name)
+    cls = errors.BY_CODE.get(name)
     if cls is None:
         err = KVFabricError(message, field_name)
         err.code = name  # keep the status (e.g. INTERNAL, CANCELLED) for the caller to see

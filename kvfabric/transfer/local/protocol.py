@@ -123,14 +123,7 @@ def error_reply(exc: KVFabricError) -> list[Any]:
     return [ERR, exc.code, exc.message, exc.field or ""]
 
 
-_CODES: dict[str, type[KVFabricError]] = {
-    cls.code: cls
-    for cls in (
-        errors.InvalidArgument, errors.NotFound, errors.AlreadyExists, errors.ResourceExhausted,
-        errors.FailedPrecondition, errors.Unauthenticated, errors.PermissionDenied,
-        errors.Corrupt, errors.Unavailable, errors.DeadlineExceeded,
-    )
-}  # fmt: skip
+
 
 
 def check_reply(reply: list[Any] | None) -> list[Any]:
@@ -140,7 +133,7 @@ def check_reply(reply: list[Any] | None) -> list[Any]:
     if reply[0] == OK:
         return reply[1:]
     if reply[0] == ERR and len(reply) == 4 and all(isinstance(x, str) for x in reply[1:]):
-        cls = _CODES.get(reply[1], KVFabricError)
+        cls = errors.BY_CODE.get(reply[1], KVFabricError)
         raise cls(reply[2], reply[3] or None)
     raise Corrupt("malformed answer on the local channel", "local")
 
