@@ -32,12 +32,11 @@ from kvfabric.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
-from kvfabric.node.service import NodeStoreService
 from kvfabric.rpc.client import Client, PutStatus
-from kvfabric.rpc.server import RpcServer, start_server
 from kvfabric.transfer.local import protocol as p
 from kvfabric.transfer.local.client import LocalClient
 from kvfabric.types import BlockHash, BlockKey, Tier
+from tests.rpcnode import RpcNode, hashes, random_blocks
 
 pytestmark = pytest.mark.timeout(60)
 MiB = 1 << 20
@@ -46,39 +45,22 @@ NS = "ns-local"
 HOLDER = str(Path(__file__).with_name("_local_holder.py"))
 
 
-def hashes(n: int, salt: str) -> list[bytes]:
-    return [hashlib.blake2b(f"{salt}{i}".encode(), digest_size=32).digest() for i in range(n)]
-
-
 def blocks(n: int, salt: str, size: int = SIZE) -> list[bytes]:
-    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(salt.encode()).digest()[:4]))
-    return [rng.integers(0, 256, size, dtype=np.uint8).tobytes() for _ in range(n)]
+    return random_blocks(n, size, salt)
 
 
-class Node:
+class Node(RpcNode):
     """A standalone node store with its gRPC server and its local channel."""
 
     def __init__(self, tmp: Path, directory: Any = None, node_id: str = "n-local",
                  **overrides: Any) -> None:  # fmt: skip
-        values: dict[str, Any] = {
-            "data_dir": str(tmp), "cpu_arena_bytes": "48MiB", "cpu_slab_bytes": "4MiB",
-            "max_block_bytes": "4MiB", "disk_bytes": "64MiB", "cpu_prefault": False,
-            "transport": "tcp", "rpc_host": "127.0.0.1", "rpc_port": 0,
-        }  # fmt: skip
-        values.update(overrides)
-        config = load_config(overrides=values, env={})
-        self.service = NodeStoreService(node_id, config, directory)
-        self.server: RpcServer = start_server(self.service, self.service.config)
+        super().__init__(tmp, directory, node_id, **overrides)
         assert self.service.start_local()
         self.local = self.service.local
         self.segment = Path("/dev/shm") / self.service.config.cpu_arena_shm_name
 
     def cpu_used(self) -> int:
         return self.service.core.tiers[Tier.CPU].used()
-
-    def close(self) -> None:
-        self.server.stop(0.5)
-        self.service.close()
 
 
 def eventually(cond: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from kvfabric.config import KVFabricConfig, load_config
+from kvfabric.config import KVFabricConfig
 from kvfabric.directory.service import DirectoryService
 from kvfabric.errors import (
     DeadlineExceeded,
@@ -26,13 +25,12 @@ from kvfabric.errors import (
     Unavailable,
 )
 from kvfabric.hints import HintKind
-from kvfabric.node.service import NodeStoreService
 from kvfabric.rpc.chunks import encode_data_chunk as encode_put_data
 from kvfabric.rpc.client import Client, MoveCounts, PutStatus
 from kvfabric.rpc.client_data import DataPart, decode_get_chunk
-from kvfabric.rpc.server import RpcServer, start_server
 from kvfabric.rpc.v1 import kvfabric_pb2 as pb
 from kvfabric.types import BlockHash, BlockKey, BlockType, Tier
+from tests.rpcnode import RpcNode, hashes, node_config, random_blocks
 
 pytestmark = pytest.mark.timeout(60)
 MiB = 1 << 20
@@ -40,37 +38,15 @@ BIG, SMALL = 3 * MiB, 4096
 NS_BIG, NS_SMALL = "ns-big", "ns-small"
 
 
-def hashes(n: int, salt: str) -> list[bytes]:
-    return [hashlib.blake2b(f"{salt}{i}".encode(), digest_size=32).digest() for i in range(n)]
-
-
 def blocks(n: int, size: int, salt: str) -> list[bytes]:
-    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(salt.encode()).digest()[:4]))
-    return [rng.integers(0, 256, size, dtype=np.uint8).tobytes() for _ in range(n)]
+    return random_blocks(n, size, salt)
 
 
 def config(tmp: Path, **overrides: Any) -> KVFabricConfig:
-    values: dict[str, Any] = {
-        "data_dir": str(tmp), "cpu_arena_bytes": "48MiB", "cpu_slab_bytes": "4MiB",
-        "max_block_bytes": "4MiB", "disk_bytes": "64MiB", "cpu_prefault": False,
-        "transport": "tcp", "rpc_host": "127.0.0.1", "rpc_port": 0,
-    }  # fmt: skip
-    values.update(overrides)
-    return load_config(overrides=values, env={})
+    return node_config(tmp, **overrides)
 
 
-class Node:
-    """A standalone node store with its gRPC server."""
-
-    def __init__(self, tmp: Path, directory: Any = None, **overrides: Any) -> None:
-        self.config = config(tmp, **overrides)
-        self.service = NodeStoreService(node_id="n-test", config=self.config, directory=directory)
-        self.server: RpcServer = start_server(self.service, self.config)
-
-    def close(self) -> None:
-        self.server.stop(0.5)
-        self.service.close()
-
+Node = RpcNode  # a standalone node store with its gRPC server
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Node]:

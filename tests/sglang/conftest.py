@@ -12,38 +12,14 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.rpcnode import RpcNode as Node
+
 if importlib.util.find_spec("sglang") is None and not os.environ.get("KVFABRIC_REQUIRE_SGLANG"):
     collect_ignore_glob = ["test_*.py"]
-
-
-class Node:
-    """A standalone node store with its gRPC server (the fabric the backend talks to)."""
-
-    def __init__(self, tmp: Path, directory: Any = None, node_id: str = "n-sglang",
-                 **overrides: Any) -> None:  # fmt: skip
-        from kvfabric.config import load_config
-        from kvfabric.node.service import NodeStoreService
-        from kvfabric.rpc.server import start_server
-
-        values: dict[str, Any] = {
-            "data_dir": str(tmp), "cpu_arena_bytes": "48MiB", "cpu_slab_bytes": "4MiB",
-            "max_block_bytes": "4MiB", "disk_bytes": "64MiB", "cpu_prefault": False,
-            "transport": "tcp", "rpc_host": "127.0.0.1", "rpc_port": 0,
-        }  # fmt: skip
-        values.update(overrides)
-        self.config = load_config(overrides=values, env={})
-        self.service = NodeStoreService(node_id=node_id, config=self.config, directory=directory)
-        self.server = start_server(self.service, self.config)
-        self.address: str = self.server.address
-
-    def close(self) -> None:
-        self.server.stop(0.5)
-        self.service.close()
 
 
 @pytest.fixture(scope="module")
