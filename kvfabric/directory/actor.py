@@ -109,6 +109,15 @@ class DirectoryActorImpl(DirectoryService):
                 ray.get(handle.mark_ready.remote(), timeout=self.config.rpc_timeout_s)
                 self._ready.add(node_id)
                 log.info("node %s ready (%d blocks pushed on join)", node_id[:12], copied)
+        self._send_replica_counts(alive)
+
+    def _send_replica_counts(self, alive: set[str]) -> None:
+        """Tell each node how many copies of its changed blocks others hold (fire and forget:
+        a lost update only makes a node treat a copied block as its sole copy, the safe side)."""
+        for node_id, (keys, counts) in self.replica_updates().items():
+            handle = self._handle(node_id) if node_id in alive else None
+            if handle is not None:
+                handle.note_replicas.remote(keys, counts)
 
     def _handle(self, node_id: str) -> Any:
         try:

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from kvfabric.config import KVFabricConfig
-from kvfabric.directory.events import Event
+from kvfabric.directory.events import Event, EventKind
 from kvfabric.directory.index import DirectoryCore
 from kvfabric.directory.log import DirectoryLog
 from kvfabric.directory.model import ClaimStatus, InventoryItem
@@ -31,6 +31,11 @@ from kvfabric.node.changes import ChangeKind, NodeChange
 from kvfabric.types import BlockKey, Tier
 
 log = logging.getLogger(__name__)
+
+
+REPLICA_KINDS = frozenset({EventKind.COMMITTED, EventKind.REPLICA_ADDED, EventKind.REPLICA_REMOVED})
+REPLICA_UPDATE_LIMIT = 10_000
+ReplicaCounts = tuple[list[BlockKey], list[int]]  # keys a node holds, copies elsewhere of each
 
 
 class NodeCaller(Protocol):
@@ -53,6 +58,7 @@ class DirectoryService:
         snapshot, events = self.log.load()
         self.core = DirectoryCore.restore(snapshot, events, claim_timeout_s=config.claim_timeout_s)
         self._lock = threading.RLock()
+        self._replica_seq = -1  # last event replica_updates() has looked at (-1: not yet)
         self.telemetry = Telemetry("directory")
         log.info(
             "directory restored at seq %d with %d nodes", self.core.seq, len(self.core.nodes())
@@ -190,6 +196,29 @@ class DirectoryService:
             "matched": res.matched,
             "locations": [(loc.node_id, loc.address, int(loc.tier)) for loc in res.locations],
         }
+
+    def replica_updates(self, limit: int = REPLICA_UPDATE_LIMIT) -> dict[str, ReplicaCounts]:
+        """Per node, the keys it holds whose replica set changed since the last call, each with
+        how many copies other nodes hold (what a node's policy weighs: losing a copied block
+        costs a fetch, losing the sole copy a recompute). At most ``limit`` events are read
+        per call; the rest wait for the next one."""
+        with self._lock:
+            if self._replica_seq < 0:  # first call: start from now, not the whole history
+                self._replica_seq = self.seq()
+                return {}
+            events = self.events_since(self._replica_seq, limit)
+            if events:
+                self._replica_seq = events[-1].seq
+            changed = (e.key for e in events if e.kind in REPLICA_KINDS and e.key is not None)
+            keys = list(dict.fromkeys(changed))
+            out: dict[str, ReplicaCounts] = {}
+            for key, locs in zip(keys, self.core.locate(keys), strict=True):
+                holders = {loc.node_id for loc in locs}
+                for node in holders:
+                    got = out.setdefault(node, ([], []))
+                    got[0].append(key)
+                    got[1].append(len(holders) - 1)
+            return out
 
     def warmth(self, namespace: str, hashes: list[bytes]) -> list[dict[str, Any]]:
         """Per node, the leading blocks of the chain it holds and their tiers; best first."""

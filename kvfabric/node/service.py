@@ -162,6 +162,11 @@ class NodeStoreService:
         """Called once the directory has pushed what a new node should hold."""
         self.ready = True
 
+    def note_replicas(self, keys: list[BlockKey], elsewhere: list[int]) -> int:
+        """From the directory: how many copies of these blocks other nodes hold (for the
+        eviction policy); returns how many of the blocks are held here."""
+        return self.core.note_replicas(keys, elsewhere)
+
     def info(self) -> dict[str, Any]:
         """Identity, address, tiers and readiness of this node."""
         return {
