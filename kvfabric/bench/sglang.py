@@ -82,6 +82,7 @@ def _measure(quick: bool, progress: bool) -> dict[str, Any]:
     try:
         service = NodeStoreService("n-bench-sglang", config)
         server = start_server(service, config)
+        service.start_local()  # as `kvfabric up` does: co-located clients map the arena
         writer, reader = _backend(server.address, src), _backend(server.address, dst)
         keys = [f"{i:064x}" for i in range(pages)]
         idx = torch.arange(pages * PAGE_TOKENS, dtype=torch.int64)
