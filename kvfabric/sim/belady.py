@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from kvfabric.tiers.policy import Evictable, Policy
+from kvfabric.tiers.policy import Evictable, Policy, take_victims
 from kvfabric.types import BlockKey, BlockMeta, Tier
 
 NextUse = Callable[[BlockKey], float]  # position of the key's next read (inf: never)
@@ -54,15 +54,7 @@ class BeladyPolicy(Policy):
             self._tiers[tier].values(),
             key=lambda m: (-self._next_use(m.key), -order.get(m.key, 0)),
         )
-        chosen: list[BlockMeta] = []
-        freed = 0
-        for meta in ranked:
-            if freed >= need_bytes and chosen:
-                break
-            if evictable(meta):
-                chosen.append(meta)
-                freed += meta.size
-        return chosen
+        return take_victims(ranked, need_bytes, evictable)
 
     def demotion_target(self, meta: BlockMeta, tiers: Sequence[Tier]) -> Tier | None:
         if self._next_use(meta.key) == float("inf"):

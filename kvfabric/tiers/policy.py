@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -89,6 +89,21 @@ class Policy(ABC):
         return None
 
 
+def take_victims(
+    ordered: Iterable[BlockMeta], need_bytes: int, evictable: Evictable
+) -> list[BlockMeta]:
+    """The evictable blocks of ``ordered``, in order, until they cover ``need_bytes``."""
+    chosen: list[BlockMeta] = []
+    freed = 0
+    for meta in ordered:
+        if freed >= need_bytes and chosen:
+            break
+        if evictable(meta):
+            chosen.append(meta)
+            freed += meta.size
+    return chosen
+
+
 _REGISTRY: dict[str, type[Policy]] = {}
 
 
@@ -147,15 +162,7 @@ class LRUPolicy(Policy):
         self._order[meta.tier].pop(meta.key, None)
 
     def victims(self, tier: Tier, need_bytes: int, evictable: Evictable) -> list[BlockMeta]:
-        chosen: list[BlockMeta] = []
-        freed = 0
-        for meta in self._order[tier].values():
-            if freed >= need_bytes and chosen:
-                break
-            if evictable(meta):
-                chosen.append(meta)
-                freed += meta.size
-        return chosen
+        return take_victims(self._order[tier].values(), need_bytes, evictable)
 
     def promotion_target(self, meta: BlockMeta, tiers: Sequence[Tier]) -> Tier | None:
         if meta.tier == Tier.DISK and Tier.CPU in tiers:

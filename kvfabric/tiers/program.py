@@ -36,7 +36,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvfabric.hints import HintKind, ProgramHint
-from kvfabric.tiers.policy import Evictable, Policy, PolicyContext, register_policy
+from kvfabric.tiers.policy import (
+    Evictable,
+    Policy,
+    PolicyContext,
+    register_policy,
+    take_victims,
+)
 from kvfabric.tiers.typepolicy import DURABLE_RANK
 from kvfabric.types import BlockKey, BlockMeta, Tier
 
@@ -182,17 +188,13 @@ class ProgramAwarePolicy(Policy):
         ranked = sorted(
             self._groups[tier].items(), key=lambda kv: self._group_rank(kv[0], kv[1], now)
         )
-        chosen: list[BlockMeta] = []
-        freed = 0
-        for _, blocks in ranked:
-            order = self._order
-            for meta in sorted(blocks.values(), key=lambda m: (m.last_access, -order[m.key])):
-                if freed >= need_bytes and chosen:
-                    return chosen
-                if evictable(meta):
-                    chosen.append(meta)
-                    freed += meta.size
-        return chosen
+        order = self._order
+        ordered = (
+            meta
+            for _, blocks in ranked
+            for meta in sorted(blocks.values(), key=lambda m: (m.last_access, -order[m.key]))
+        )
+        return take_victims(ordered, need_bytes, evictable)
 
     def demotion_target(self, meta: BlockMeta, tiers: Sequence[Tier]) -> Tier | None:
         if meta.key in self._dead or meta.key in self._elsewhere:
