@@ -18,11 +18,15 @@ the offline optimum (Bélády) does with perfect knowledge:
   a replicated block costs a network fetch, losing a sole copy a recompute.
   A sole copy is demoted, and dropped only from the slowest tier;
 * within a rank, programs by ENU, furthest first. A program in a tool call
-  is expected back at ``start + expected duration``; a stepping program one
-  typical step gap after its last read; a block of no known program after
-  ``lease_default_s``. In the slowest tier a program under a tool-call lease
-  is kept ahead of the others of its rank (demoted, not dropped, for the
-  lease's ``expected × slack``); in a faster tier it is the first demoted.
+  is expected back at ``start + expected duration``; a program in a step,
+  whose step has read its context already, after its usual idle time between
+  steps (its tool calls; inside a fork only the idle between that fork's own
+  steps counts, since a join and the next step follow a fork-join stage at
+  once); between steps, one typical step gap after its last step; a block of
+  no known program after its idle time. In the slowest tier a program under
+  a tool-call lease is kept ahead of the others of its rank (demoted, not
+  dropped, for the lease's ``expected × slack``); in a faster tier it is the
+  first demoted.
 * within a program, the least recently read first and, among blocks read
   together, the chain's tail first: losing a tail block costs one block of
   prefill, losing a head block invalidates the rest of the prefix.
@@ -56,9 +60,19 @@ class _Program:
     lease_start: float | None = None
     lease_expected: float = 0.0
     forks: list[tuple[int, frozenset[BlockKey]]] = field(default_factory=list)
+    fork_ids: list[int] = field(default_factory=list)  # a number per fork, parallel to forks
+    forks_opened: int = 0
     gap: float = 0.0  # typical idle time between a step's end and the next step's start
     last_end: float | None = None
     in_step: bool = False
+    # Time from a step's end to the next step's start, tool calls included, learned apart
+    # on the main line (index 0) and between two steps of one open fork (1).
+    idle: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    step_end: tuple[float, int | None] | None = None  # when the last step ended, in which fork
+
+    def fork_id(self) -> int | None:
+        """The innermost open fork's number, or None."""
+        return self.fork_ids[-1] if self.fork_ids else None
 
 
 @register_policy
@@ -151,9 +165,15 @@ class ProgramAwarePolicy(Policy):
                 prog.gap = gap if prog.gap == 0.0 else 0.5 * (prog.gap + gap)
             prog.lease_start = None
             prog.in_step = True
+            if prog.step_end is not None:
+                ended, fork = prog.step_end
+                inside = int(fork is not None and fork == prog.fork_id())
+                idle, last = max(0.0, now - ended), prog.idle[inside]
+                prog.idle[inside] = idle if last == 0.0 else 0.5 * (last + idle)
         elif hint.kind == HintKind.STEP_END:
             prog.last_end = now
             prog.in_step = False
+            prog.step_end = (now, prog.fork_id())
         elif hint.kind == HintKind.TOOL_CALL_START:
             prog.lease_start = now
             expected = hint.expected_duration_s
@@ -163,8 +183,11 @@ class ProgramAwarePolicy(Policy):
             prog.last_end = now  # the program resumes: its next step is due now
         elif hint.kind == HintKind.FORK:
             prog.forks.append((self._seq, keys))
+            prog.fork_ids.append(prog.forks_opened)
+            prog.forks_opened += 1
         elif hint.kind == HintKind.JOIN and prog.forks:
             forked_at, prefix = prog.forks.pop()
+            prog.fork_ids.pop()
             ephemeral = {t for t, r in self._ctx.types.rules.items() if r.ephemeral}
 
             def private(key: BlockKey, rank: int) -> bool:
@@ -234,7 +257,11 @@ class ProgramAwarePolicy(Policy):
                 return back  # a tool call under lease: back when the tool is expected to end
             return now + (now - prog.lease_start)  # overran its lease: no better than idle
         if prog is not None and prog.in_step:
-            return now  # computing now: its context is read again at the next step
+            # Its step has read its context; the next read comes at its next step, after
+            # the program's usual idle time between steps (its tool calls). Inside a fork
+            # only the idle between two steps of that fork counts: a fork-join stage is
+            # followed by the join and the next step at once, whatever the main line waits.
+            return now + prog.idle[int(prog.fork_id() is not None)]
         if prog is not None and prog.last_end is not None:
             due = prog.last_end + prog.gap
             if now - prog.last_end <= self._ctx.lease_default_s:

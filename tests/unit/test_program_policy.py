@@ -286,3 +286,49 @@ def test_tool_call_start_demotes_only_into_free_room(make: Any) -> None:
     assert tiers(core, [12]) == [Tier.GPU]
     assert Tier.CPU in tiers(core, [0, 1])
     assert core.counters.evictions == 0
+
+
+def _step(core: NodeStoreCore, pid: str, kind: HintKind, step: int) -> None:
+    hint(core, pid, kind, step=step)
+
+
+def test_a_running_step_whose_program_waits_between_steps_goes_first(make: Any) -> None:
+    core, clock = make(4, 4, 0)
+    for pid in ("loop", "tools"):
+        hint(core, pid, HintKind.PROGRAM_START)
+    _step(core, "loop", HintKind.STEP_START, 0)
+    put(core, [10, 11], "loop")  # its group is the older one: it went first before
+    _step(core, "tools", HintKind.STEP_START, 0)
+    put(core, [0, 1], "tools")
+    clock.t = 1.0
+    _step(core, "tools", HintKind.STEP_END, 0)
+    hint(core, "tools", HintKind.TOOL_CALL_START, expected_duration_s=10.0)
+    clock.t = 11.0
+    hint(core, "tools", HintKind.TOOL_CALL_END)
+    _step(core, "tools", HintKind.STEP_START, 1)  # learned: ~10 s between its steps
+    assert tiers(core, [0, 1, 10, 11]) == [Tier.GPU] * 4
+    put(core, [20, 21])  # room for two blocks
+    # Both programs are in a step, which has read its context already; "tools" reads
+    # it again only after its next tool call, so its blocks go down first.
+    assert tiers(core, [0, 1]) == [Tier.CPU] * 2
+    assert tiers(core, [10, 11]) == [Tier.GPU] * 2
+
+
+def test_inside_a_fork_only_the_forks_own_idle_time_counts(make: Any) -> None:
+    core, clock = make(4, 4, 0)
+    for pid in ("main", "other"):
+        hint(core, pid, HintKind.PROGRAM_START)
+    _step(core, "other", HintKind.STEP_START, 0)
+    put(core, [10, 11], "other")
+    _step(core, "main", HintKind.STEP_START, 0)
+    clock.t = 1.0
+    _step(core, "main", HintKind.STEP_END, 0)
+    hint(core, "main", HintKind.TOOL_CALL_START, expected_duration_s=10.0)
+    clock.t = 11.0
+    hint(core, "main", HintKind.TOOL_CALL_END)  # the main line waits ~10 s between steps
+    hint(core, "main", HintKind.FORK, children=2)
+    _step(core, "main", HintKind.STEP_START, 1)  # a fork-join stage: the join follows it
+    put(core, [0, 1], "main")
+    put(core, [20, 21])
+    assert tiers(core, [0, 1]) == [Tier.GPU] * 2  # no idle seen inside this fork: due now
+    assert tiers(core, [10, 11]) == [Tier.CPU] * 2  # the older group of a tie goes first
