@@ -219,7 +219,7 @@ def test_remove_node_uses_the_reverse_index_not_a_scan() -> None:
 
         __iter__ = keys = values = items = _scan
 
-    core._index[NS] = NoScan(core._index[NS])
+    core._state.index[NS] = NoScan(core._state.index[NS])
     events = core.remove_node("gone")
     kinds = [e.kind for e in events]
     assert kinds.count(EventKind.ABORTED) == 1 and kinds.count(EventKind.BLOCK_REMOVED) == 50
