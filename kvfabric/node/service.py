@@ -2,14 +2,16 @@
 
 This is the class the ``NodeStore`` Ray actor wraps (the shape of Ray's
 ``util/queue.py``): it owns the node-store core and the data-plane server, and
-talks to the directory through a :class:`DirectoryPort`, an object with plain
-synchronous methods. Tests drive it with the real directory actor; nothing
-here imports Ray.
+talks to the directory through a :class:`~kvfabric.node.port.DirectoryPort`,
+an object with plain synchronous methods. Tests drive it with the real
+directory actor; nothing here imports Ray.
 
-Write-once-read-anywhere is enforced here: a put claims its keys in the
-directory first and stores only what it won; a get that misses locally asks
-the directory where the blocks are and pulls them from a peer over the data
-plane, keeping a local replica.
+Write-once-read-anywhere is enforced by two parts it owns: a put claims its
+keys in the directory first and stores only what it won
+(:mod:`~kvfabric.node.writeonce`); a get that misses locally asks the
+directory where the blocks are and pulls them from a peer over the data plane,
+keeping a local replica (:mod:`~kvfabric.node.pulls`). Membership, control
+calls, events, and the report of each call's changes to the directory stay here.
 """
 
 from __future__ import annotations
@@ -17,20 +19,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from kvfabric.config import KVFabricConfig
-from kvfabric.errors import FailedPrecondition, InvalidArgument, KVFabricError, Unavailable
+from kvfabric.errors import FailedPrecondition, InvalidArgument, KVFabricError
 from kvfabric.hints import HintKind, ProgramHint
 from kvfabric.metrics import Telemetry
-from kvfabric.node.changes import ChangeKind, NodeChange
 from kvfabric.node.core import NodeStoreCore
 from kvfabric.node.listing import BlockFilter, BlockPage, list_page
+from kvfabric.node.port import DirectoryPort, stored_change
+from kvfabric.node.pulls import PeerPulls
 from kvfabric.node.results import MoveResult, NodeStats, PinResult
-from kvfabric.tiers.base import BlockRecord
+from kvfabric.node.writeonce import ClaimedWrite, PutOutcome, WriteOnce
 from kvfabric.transfer import make_transport
 from kvfabric.types import (
     BLOCK_HASH_BYTES,
@@ -41,70 +42,9 @@ from kvfabric.types import (
     validate_namespace,
 )
 
+__all__ = ["ClaimedWrite", "DirectoryPort", "NodeStoreService", "PutOutcome"]
+
 log = logging.getLogger(__name__)
-
-
-class DirectoryPort(Protocol):
-    """What a node needs from the directory (synchronous; the shell adds timeouts)."""
-
-    def register_node(self, node_id: str, address: str, tiers: list[int]) -> None: ...
-    def claim_many(
-        self, node_id: str, writer_id: str, items: list[tuple[BlockKey, int]]
-    ) -> list[str]: ...
-    def commit_many(
-        self, node_id: str, writer_id: str, changes: list[NodeChange]
-    ) -> list[bool]: ...
-    def abort_many(self, node_id: str, writer_id: str, keys: list[BlockKey]) -> None: ...
-    def apply_changes(self, node_id: str, changes: list[NodeChange]) -> None: ...
-    def reconcile(self, node_id: str, inventory: list[NodeChange]) -> list[BlockKey]: ...
-    def locate(
-        self, keys: list[BlockKey], prefer_node: str
-    ) -> list[list[tuple[str, str, int, int]]]: ...
-    def replicate(self, keys: list[BlockKey]) -> None: ...
-    def lookup(
-        self, namespace: str, hashes: list[bytes], prefer_node: str | None
-    ) -> dict[str, Any]: ...
-    def events_since(self, seq: int, limit: int) -> list[Any]: ...
-    def fanout(self, keys: list[BlockKey], targets: list[str]) -> int: ...
-
-
-@dataclass(frozen=True, slots=True)
-class PutOutcome:
-    """Per block: stored here, already stored somewhere, or being written by another writer."""
-
-    key: BlockKey
-    status: str  # "stored" | "exists" | "pending"
-
-
-@dataclass
-class ClaimedWrite:
-    """Arena slots reserved for a co-located writer, its keys claimed in the directory.
-
-    ``slots[j]`` receives the block of hash ``slot_index[j]``; ``outcomes[i]``
-    is already decided ("exists" or "pending") for every other hash. Exactly
-    one of :meth:`commit` and :meth:`abort` ends it.
-    """
-
-    slots: list[memoryview]
-    slot_index: list[int]
-    outcomes: list[str | None]
-    _commit: Callable[[list[int]], list[str]] = field(repr=False)
-    _abort: Callable[[], None] = field(repr=False)
-    _done: bool = field(default=False, repr=False)
-
-    def commit(self, checksums: list[int]) -> list[str]:
-        """Verify each slot against the writer's checksum and publish it; a status per hash
-        ("stored", "exists", "pending", or "corrupt" where the bytes did not match)."""
-        if self._done:
-            raise FailedPrecondition("the reservation was already ended", "reservation")
-        self._done = True
-        return self._commit(checksums)
-
-    def abort(self) -> None:
-        """Release the slots and the claims (idempotent after commit)."""
-        if not self._done:
-            self._done = True
-            self._abort()
 
 
 class NodeStoreService:
@@ -134,6 +74,13 @@ class NodeStoreService:
         self._sync_lock = threading.RLock()  # re-entered when a rejoin happens mid-sync
         self.rpc_address: str | None = None  # set by the shell that serves the gRPC API
         self.ready = directory is None
+        # The write-once and peer-pull paths; both report the core's changes via _sync.
+        self._writes = WriteOnce(node_id, self.core, directory, config, self._sync)
+        self._pulls = PeerPulls(
+            node_id, self.core, directory, self.transport, config.rpc_timeout_s,
+            ensure_namespace=self._ensure_namespace, count_transfer=self._count_transfer,
+            report=self._sync,
+        )  # fmt: skip
         if directory is not None:
             self.join()
 
@@ -150,7 +97,7 @@ class NodeStoreService:
             return 0
         with self._sync_lock:
             self.core.changes.drain()
-            inventory = [self._as_change(m) for m in self.core.inventory()]
+            inventory = [stored_change(m) for m in self.core.inventory()]
             bad = self.directory.reconcile(self.node_id, inventory)
         if bad:
             log.warning("dropping %d local blocks that disagree with the directory", len(bad))
@@ -195,39 +142,7 @@ class NodeStoreService:
         if keys:
             self._ensure_namespace(namespace, len(datas[0]))
         self.core.check_blocks(keys, datas)  # before any claim: bad input changes nothing
-        if self.directory is None:
-            results = self.core.put_many(keys, datas, block_type=block_type, program_id=program_id)
-            return [PutOutcome(r.key, "stored" if r.stored else "exists") for r in results]
-        writer = f"{self.node_id[:16]}:{uuid.uuid4().hex[:16]}"  # one writer per put call
-        claims = self.directory.claim_many(
-            self.node_id, writer, [(k, len(d)) for k, d in zip(keys, datas, strict=True)]
-        )
-        won = [i for i, c in enumerate(claims) if c == "granted"]
-        outcomes = [PutOutcome(k, "exists" if c == "committed" else "pending")
-                    for k, c in zip(keys, claims, strict=True)]  # fmt: skip
-        if not won:
-            return outcomes
-        try:
-            results = self.core.put_many(
-                [keys[i] for i in won], [datas[i] for i in won],
-                block_type=block_type, program_id=program_id,
-            )  # fmt: skip
-        except BaseException:
-            self.directory.abort_many(self.node_id, writer, [keys[i] for i in won])
-            raise
-        metas = [self.core.meta(r.key) for r in results if r.stored]
-        commits = [self._as_change(m) for m in metas if m is not None]
-        ok = self.directory.commit_many(self.node_id, writer, commits)
-        unstored = [r.key for r in results if not r.stored]
-        if unstored:  # stored meanwhile by a local writer: release this writer's claims
-            self.directory.abort_many(self.node_id, writer, unstored)
-        self._sync()
-        position = {k: i for i, k in enumerate(keys)}
-        for c, committed in zip(commits, ok, strict=True):
-            outcomes[position[c.key]] = PutOutcome(c.key, "stored" if committed else "exists")
-        if block_type in self.config.replicated_types:
-            self.directory.replicate([c.key for c in commits])
-        return outcomes
+        return self._writes.put(keys, datas, block_type, program_id)
 
     def get(self, namespace: str, hashes: Sequence[bytes]) -> list[bytes | None]:
         """The verified bytes of each block, pulled from a peer when not held here."""
@@ -243,51 +158,11 @@ class NodeStoreService:
 
     def pull_missing(self, keys: Sequence[BlockKey]) -> int:
         """Fetch ``keys`` from the best replicas elsewhere; returns how many arrived."""
-        if self.directory is None or not keys:
-            return 0
-        locations = self.directory.locate(list(keys), self.node_id)
-        todo = {k: [loc for loc in locs if loc[0] != self.node_id]
-                for k, locs in zip(keys, locations, strict=True)}  # fmt: skip
-        arrived = 0
-        for _attempt in range(3):  # next replica on a peer failure or a corrupt copy
-            by_peer: dict[str, list[BlockKey]] = {}
-            for k, locs in todo.items():
-                if locs:
-                    _node, address, _tier, size = locs.pop(0)
-                    self._ensure_namespace(k.namespace, size)
-                    by_peer.setdefault(address, []).append(k)
-            if not by_peer:
-                break
-            failed: set[BlockKey] = set()
-            for address, peer_keys in by_peer.items():
-                try:
-                    started = time.perf_counter()
-                    res = self.transport.fetch(
-                        address, peer_keys, self.core, timeout_s=self.config.rpc_timeout_s
-                    )
-                    self._count_transfer(res.fetched, started)
-                except (Unavailable, OSError) as exc:
-                    log.warning(
-                        "fetch of %d blocks from %s failed: %s", len(peer_keys), address, exc
-                    )
-                    failed.update(peer_keys)
-                    continue
-                arrived += len(res.fetched)
-                failed.update(res.missing)
-                failed.update(res.corrupt)
-            todo = {k: v for k, v in todo.items() if k in failed}
-        self._sync()
-        return arrived
+        return self._pulls.pull_missing(keys)
 
     def pull_from(self, address: str, namespace: str, hashes: Sequence[bytes], size: int) -> int:
         """Copy blocks from the peer at ``address`` (used by the replication planner)."""
-        keys = self._keys(namespace, hashes)
-        self._ensure_namespace(namespace, size)
-        started = time.perf_counter()
-        res = self.transport.fetch(address, keys, self.core, timeout_s=self.config.rpc_timeout_s)
-        self._count_transfer(res.fetched, started)
-        self._sync()
-        return len(res.fetched) + len(res.already_present)
+        return self._pulls.pull_from(address, self._keys(namespace, hashes), namespace, size)
 
     def lookup(self, namespace: str, hashes: Sequence[bytes]) -> dict[str, Any]:
         """Longest prefix stored anywhere in the cluster (here only when standalone).
@@ -335,58 +210,7 @@ class NodeStoreService:
                 f"block_bytes={size}; namespace {namespace} blocks are {known} bytes",
                 "block_bytes",
             )
-        outcomes: list[str | None] = [None] * len(keys)
-        won, writer = list(range(len(keys))), f"{self.node_id[:16]}:{uuid.uuid4().hex[:16]}"
-        if self.directory is not None and keys:
-            claims = self.directory.claim_many(self.node_id, writer, [(k, size) for k in keys])
-            won = [i for i, c in enumerate(claims) if c == "granted"]
-            for i, c in enumerate(claims):
-                if c != "granted":
-                    outcomes[i] = "exists" if c == "committed" else "pending"
-        records = [BlockRecord(keys[i], size, 0, block_type, program_id) for i in won]
-        try:
-            res = self.core.open_write(records)
-        except BaseException:
-            self._abort_claims(writer, [keys[i] for i in won])
-            raise
-        first: dict[BlockKey, int] = {}
-        for i in won:
-            first.setdefault(keys[i], i)
-        slot_index = [first[r.key] for r in res.records]
-        for i in set(won) - set(slot_index):
-            outcomes[i] = "exists"  # stored or being stored here already, or a repeated hash
-        self._abort_claims(writer, res.present)
-
-        def commit(sums: list[int]) -> list[str]:
-            results = res.commit(None, sums)
-            out = ["exists" if o is None else o for o in outcomes]
-            stored = [r.key for r in results if r is not None]
-            failed = [r.key for r, got in zip(res.records, results, strict=True) if got is None]
-            for k in failed:
-                out[first[k]] = "corrupt"
-            committed = [True] * len(stored)
-            if self.directory is not None:
-                changes = [self._as_change(m) for k in stored if (m := self.core.meta(k))]
-                committed = self.directory.commit_many(self.node_id, writer, changes)
-                stored = [c.key for c in changes]
-                self._abort_claims(writer, failed)
-            self._sync()
-            for k, ok in zip(stored, committed, strict=True):
-                out[first[k]] = "stored" if ok else "exists"
-            if self.directory is not None and block_type in self.config.replicated_types:
-                self.directory.replicate(stored)
-            return out
-
-        def abort() -> None:
-            res.abort()
-            self._abort_claims(writer, [r.key for r in res.records])
-
-        return ClaimedWrite([memoryview(b) for b in res.buffers], slot_index, outcomes,
-                            commit, abort)  # fmt: skip
-
-    def _abort_claims(self, writer: str, keys: Sequence[BlockKey]) -> None:
-        if self.directory is not None and keys:
-            self.directory.abort_many(self.node_id, writer, list(keys))
+        return self._writes.open(keys, size, block_type, program_id)
 
     # -- control ------------------------------------------------------------------------
     def pin(self, namespace: str, hashes: Sequence[bytes], owner: str,
@@ -554,14 +378,6 @@ class NodeStoreService:
         if isinstance(hashes, (bytes, str)):
             raise InvalidArgument("hashes must be a list of 32-byte hashes", "hashes")
         return [BlockKey(namespace, as_block_hash(h, "hashes")) for h in hashes]
-
-    @staticmethod
-    def _as_change(meta: Any) -> NodeChange:
-        pins = sum(p.count for p in meta.pins.values())
-        return NodeChange(
-            ChangeKind.STORED, meta.key, meta.tier, meta.size, meta.checksum, meta.type,
-            meta.program_id, pins,
-        )  # fmt: skip
 
 
 def _chain(namespace: str, hashes: Sequence[bytes]) -> list[bytes]:

@@ -321,14 +321,14 @@ def test_periodic_sync_follows_the_clock(tmp_path: Path) -> None:
     now = [0.0]
     tier = DiskTier(tmp_path / "d", 8 * MiB, max_block_bytes=KiB, clock=lambda: now[0])
     syncs = 0
-    real_sync = tier._env.sync
+    real_sync = tier._env.lmdb.sync
 
     def counting_sync(force: bool = False) -> None:
         nonlocal syncs
         syncs += 1
         real_sync(force)
 
-    tier._env = _EnvProxy(tier._env, counting_sync)  # type: ignore[assignment]
+    tier._env.lmdb = _EnvProxy(tier._env.lmdb, counting_sync)  # type: ignore[assignment]
     put(tier, [(key(1), b"a")])
     assert syncs == 0
     now[0] = 0.5
