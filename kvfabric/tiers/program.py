@@ -10,6 +10,12 @@ the offline optimum (Bélády) does with perfect knowledge:
   ended program, branch-private blocks of a joined fork (unless the join
   keeps them), and ephemeral-typed blocks of a program at a join. A dead
   block that is read again is alive again.
+* then **expected-dead** blocks, demoted like live ones: the branch-private
+  blocks of an open fork during what the forks joined before say is the
+  fork's last step (the program's own forks, or every program's until it has
+  joined one), as long as past joins kept at most ``KEPT_SHARE_MAX`` of such
+  blocks. The join will kill them unless it keeps them; it says so only
+  after the step, which is when the cache needs the room.
 * then blocks by type rank (the per-type table: lower rank first; rank 9 is
   durable — system prompts, tool definitions — and goes last);
 * within a rank, blocks another node holds a copy of (``on_replicas``: the
@@ -50,7 +56,12 @@ from kvfabric.tiers.policy import (
 from kvfabric.tiers.typepolicy import DURABLE_RANK
 from kvfabric.types import BlockKey, BlockMeta, Tier
 
-GroupKey = tuple[bool, int, bool, str | None]  # (dead, type rank, copied elsewhere, program)
+# (dead, expected dead at the coming join, type rank, copied elsewhere, program)
+GroupKey = tuple[bool, bool, int, bool, str | None]
+
+KEPT_SHARE_MAX = 0.5
+"""Branch-private blocks are expected dead in a fork's last step only while joins have kept
+at most this share of them (a framework that keeps most branches makes them worth keeping)."""
 
 
 @dataclass(slots=True)
@@ -61,6 +72,8 @@ class _Program:
     lease_expected: float = 0.0
     forks: list[tuple[int, frozenset[BlockKey]]] = field(default_factory=list)
     fork_ids: list[int] = field(default_factory=list)  # a number per fork, parallel to forks
+    fork_steps: list[int] = field(default_factory=list)  # steps started in each open fork
+    steps_per_fork: float = 0.0  # steps per fork, learned from its joined forks (0: none yet)
     forks_opened: int = 0
     gap: float = 0.0  # typical idle time between a step's end and the next step's start
     last_end: float | None = None
@@ -93,6 +106,8 @@ class ProgramAwarePolicy(Policy):
         self._activity: dict[str, float] = {}  # program -> its most recent read or write
         self._programs: dict[str, _Program] = {}
         self._elsewhere: dict[BlockKey, int] = {}  # copies other nodes hold (from the caller)
+        self._steps_per_fork = 0.0  # over every program's joined forks (0: none yet)
+        self._kept_share: float | None = None  # share of branch-private blocks a join keeps
 
     def bind(self, context: PolicyContext) -> None:
         self._ctx = context
@@ -139,7 +154,7 @@ class ProgramAwarePolicy(Policy):
         if meta.key not in self._metas:
             return
         where = self._where.get(meta.key)
-        self._untrack_program(meta.key, where[1][3] if where is not None else None)
+        self._untrack_program(meta.key, where[1][4] if where is not None else None)
         self._track_program(meta)
         self._place(meta)
 
@@ -165,6 +180,9 @@ class ProgramAwarePolicy(Policy):
                 prog.gap = gap if prog.gap == 0.0 else 0.5 * (prog.gap + gap)
             prog.lease_start = None
             prog.in_step = True
+            if prog.fork_steps:
+                prog.fork_steps[-1] += 1
+                self._replace_program(pid)
             if prog.step_end is not None:
                 ended, fork = prog.step_end
                 inside = int(fork is not None and fork == prog.fork_id())
@@ -184,18 +202,33 @@ class ProgramAwarePolicy(Policy):
         elif hint.kind == HintKind.FORK:
             prog.forks.append((self._seq, keys))
             prog.fork_ids.append(prog.forks_opened)
+            prog.fork_steps.append(0)
             prog.forks_opened += 1
         elif hint.kind == HintKind.JOIN and prog.forks:
-            forked_at, prefix = prog.forks.pop()
-            prog.fork_ids.pop()
-            ephemeral = {t for t, r in self._ctx.types.rules.items() if r.ephemeral}
+            self._join(pid, prog, keys)
 
-            def private(key: BlockKey, rank: int) -> bool:
-                if key in prefix or key in keys or rank >= DURABLE_RANK:
-                    return False
-                return self._order[key] > forked_at or self._metas[key].type in ephemeral
+    def _join(self, pid: str, prog: _Program, kept: frozenset[BlockKey]) -> None:
+        """Close the innermost fork: learn its length and what it kept, kill the rest."""
+        forked_at, prefix = prog.forks.pop()
+        prog.fork_ids.pop()
+        steps = prog.fork_steps.pop()
+        prog.steps_per_fork = _ema(prog.steps_per_fork, steps)
+        self._steps_per_fork = _ema(self._steps_per_fork, steps)
+        branch = [k for k in self._by_program.get(pid, ())
+                  if k not in prefix and self._order[k] > forked_at]  # fmt: skip
+        if branch:
+            share = sum(k in kept for k in branch) / len(branch)
+            before = self._kept_share
+            self._kept_share = share if before is None else 0.5 * (before + share)
+        ephemeral = {t for t, r in self._ctx.types.rules.items() if r.ephemeral}
 
-            self._kill(pid, private)
+        def private(key: BlockKey, rank: int) -> bool:
+            if key in prefix or key in kept or rank >= DURABLE_RANK:
+                return False
+            return self._order[key] > forked_at or self._metas[key].type in ephemeral
+
+        self._kill(pid, private)
+        self._replace_program(pid)  # what the join kept is no longer expected dead
 
     def _kill(self, pid: str, doomed: Callable[[BlockKey, int], bool]) -> None:
         types = self._ctx.types
@@ -234,15 +267,20 @@ class ProgramAwarePolicy(Policy):
         """Whether ``key`` is ranked dead (dropped first); for tests and reports."""
         return key in self._dead
 
+    def is_expected_dead(self, key: BlockKey) -> bool:
+        """Whether ``key`` is ranked expected dead at its fork's join; for tests and reports."""
+        where = self._where.get(key)
+        return where is not None and where[1][1]
+
     # -- internals -----------------------------------------------------------------------
     def _group_rank(
         self, gk: GroupKey, blocks: dict[BlockKey, BlockMeta], now: float
     ) -> tuple[int, int, int, float]:
         """Sort key of a group: dead first, then low rank, then furthest estimated next use."""
-        dead, rank, copied, pid = gk
+        dead, doomed, rank, copied, pid = gk
         if dead:
             return (0, 0, 0, 0.0)
-        return (1, rank, int(not copied), -self._next_use(pid, blocks, now))
+        return (1 if doomed else 2, rank, int(not copied), -self._next_use(pid, blocks, now))
 
     def _next_use(self, pid: str | None, blocks: dict[BlockKey, BlockMeta], now: float) -> float:
         """When the group's program will read again (estimated from hints and the past).
@@ -274,7 +312,31 @@ class ProgramAwarePolicy(Policy):
 
     def _group_key(self, meta: BlockMeta) -> GroupKey:
         rank = self._ctx.types.rule(meta.type).rank
-        return (meta.key in self._dead, rank, meta.key in self._elsewhere, meta.program_id)
+        dead = meta.key in self._dead
+        doomed = not dead and rank < DURABLE_RANK and self._doomed(meta)
+        return (dead, doomed, rank, meta.key in self._elsewhere, meta.program_id)
+
+    def _doomed(self, meta: BlockMeta) -> bool:
+        """Whether a live block is expected dead at the coming join: private to the open
+        fork's branch, in what the forks joined before say is the fork's last step, where
+        joins have kept few such blocks. Learned from the past only; a wrong guess costs
+        a demotion, as the block is demoted like any live one."""
+        prog = self._programs.get(meta.program_id or "")
+        if prog is None or not prog.forks:
+            return False
+        kept = self._kept_share
+        expected = round(prog.steps_per_fork or self._steps_per_fork)
+        if kept is None or kept > KEPT_SHARE_MAX or expected < 1:
+            return False
+        if prog.fork_steps[-1] < expected:
+            return False
+        forked_at, prefix = prog.forks[-1]
+        return self._order[meta.key] > forked_at and meta.key not in prefix
+
+    def _replace_program(self, pid: str) -> None:
+        """Re-rank a program's blocks after its fork state changed."""
+        for key in self._by_program.get(pid, ()):
+            self._place(self._metas[key])
 
     def _place(self, meta: BlockMeta) -> None:
         where = (meta.tier, self._group_key(meta))
@@ -311,3 +373,8 @@ class ProgramAwarePolicy(Policy):
     def _note_activity(self, pid: str | None, when: float) -> None:
         if pid is not None and when > self._activity.get(pid, float("-inf")):
             self._activity[pid] = when
+
+
+def _ema(last: float, sample: float) -> float:
+    """The mean of the last estimate and a new sample (the sample alone if there was none)."""
+    return sample if last == 0.0 else 0.5 * (last + sample)

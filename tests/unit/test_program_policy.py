@@ -332,3 +332,64 @@ def test_inside_a_fork_only_the_forks_own_idle_time_counts(make: Any) -> None:
     put(core, [20, 21])
     assert tiers(core, [0, 1]) == [Tier.GPU] * 2  # no idle seen inside this fork: due now
     assert tiers(core, [10, 11]) == [Tier.CPU] * 2  # the older group of a tie goes first
+
+
+def _fork_stage(core: NodeStoreCore, pid: str, step: int, branch: list[int],
+                keep: list[int] | None = None) -> None:  # fmt: skip
+    """FORK over block 0, a step writing ``branch``; unless keep is None its end and JOIN."""
+    hint(core, pid, HintKind.FORK, [0], children=2)
+    _step(core, pid, HintKind.STEP_START, step)
+    put(core, branch, pid)
+    if keep is not None:
+        _step(core, pid, HintKind.STEP_END, step)
+        hint(core, pid, HintKind.JOIN, keep)
+
+
+@pytest.mark.parametrize("kept_before", [False, True])
+def test_a_forks_branch_goes_first_in_what_past_forks_say_is_its_last_step(
+    make: Any, kept_before: bool
+) -> None:
+    core, clock = make(7, 8, 0)
+    for pid in ("w", "other"):
+        hint(core, pid, HintKind.PROGRAM_START)
+    _step(core, "other", HintKind.STEP_START, 0)
+    put(core, [10, 11], "other")  # the older group: in a tie it is pushed out first
+    put(core, [0], "w")
+    clock.t = 1.0
+    _fork_stage(core, "w", 0, [1, 2], keep=[1, 2] if kept_before else [])  # forks: 1 step
+    clock.t = 2.0
+    _fork_stage(core, "w", 1, [3, 4])  # running the fork's first step: its last, by the past
+    put(core, [20, 21, 22, 23])  # room for four blocks
+    if kept_before:  # the past join kept its branch: no guess, a tie as before
+        assert tiers(core, [10, 11, 1, 2]) == [Tier.CPU] * 4
+        assert tiers(core, [3, 4]) == [Tier.GPU] * 2
+    else:  # dead blocks are dropped, the expected-dead branch demoted, the rest stays
+        assert tiers(core, [1, 2]) == [None, None]
+        assert tiers(core, [3, 4]) == [Tier.CPU] * 2
+        assert tiers(core, [10, 11]) == [Tier.GPU] * 2
+        hint(core, "w", HintKind.JOIN, [3, 4])  # kept after all: live, never dead
+        assert not any(core.policy.is_dead(k(i)) for i in (3, 4))
+
+
+def test_only_the_step_past_forks_say_is_the_last_one_expects_its_branch_dead(make: Any) -> None:
+    core, _ = make(8, 8, 0)
+    hint(core, "w", HintKind.PROGRAM_START)
+    put(core, [0], "w")
+    for fork, blocks in enumerate(([1, 2], [3, 4])):  # forks of two steps, joined bare
+        hint(core, "w", HintKind.FORK, [0], children=2)
+        for step, b in enumerate(blocks):
+            _step(core, "w", HintKind.STEP_START, 2 * fork + step)
+            put(core, [b], "w")
+            _step(core, "w", HintKind.STEP_END, 2 * fork + step)
+        hint(core, "w", HintKind.JOIN)
+    hint(core, "w", HintKind.FORK, [0], children=2)
+    _step(core, "w", HintKind.STEP_START, 4)
+    put(core, [5], "w")
+    assert not core.policy.is_expected_dead(k(5))  # a second step is to come
+    _step(core, "w", HintKind.STEP_END, 4)
+    _step(core, "w", HintKind.STEP_START, 5)
+    put(core, [6], "w")
+    assert core.policy.is_expected_dead(k(5)) and core.policy.is_expected_dead(k(6))
+    assert not core.policy.is_expected_dead(k(0))  # the fork's prefix is not the branch's
+    hint(core, "w", HintKind.JOIN, [5, 6])
+    assert not core.policy.is_expected_dead(k(5))
