@@ -19,6 +19,7 @@ import numpy as np
 import xxhash
 
 from kvfabric import _native  # type: ignore[attr-defined]
+from kvfabric.rpc.chunks import encode_data_chunk
 
 Buffer = Any  # any object exposing the buffer protocol (bytes, memoryview, numpy array)
 
@@ -65,6 +66,54 @@ def scatter_with_checksum_ref(
     return out
 
 
+class StreamingChecksumRef:
+    """XXH3-64 of a block that arrives in pieces, each copied into place as it is hashed.
+
+    :meth:`copy` copies a piece into its destination and feeds it to the
+    checksum; :meth:`intdigest` is XXH3-64 of every piece so far, in order
+    (equal to the checksum of their concatenation).
+    """
+
+    def __init__(self) -> None:
+        self._hasher = xxhash.xxh3_64()
+
+    def copy(self, dst: Buffer, src: Buffer) -> None:
+        """Copy ``src`` into ``dst`` (same length) and add the bytes to the checksum."""
+        np.copyto(_u8(dst), _u8(src))
+        self._hasher.update(src)
+
+    def intdigest(self) -> int:
+        """The checksum of every byte copied so far."""
+        return int(self._hasher.intdigest())
+
+
+def encode_chunks_with_checksum_ref(
+    block_index: int, block: Buffer, chunk_bytes: int, trailer: Buffer
+) -> tuple[list[bytes], int]:
+    """A streamed block: its serialized ``GetChunk{data: BlockData}`` messages and checksum.
+
+    ``block`` is cut into chunks of ``chunk_bytes`` (the last may be shorter),
+    each encoded by :func:`kvfabric.rpc.chunks.encode_data_chunk`; the bytes of
+    ``trailer`` (other serialized ``GetChunk`` fields: the block's inline
+    header) end the first message, where the generated classes put a field
+    numbered above 2; an empty block has no messages. The
+    checksum is that of the whole block. ValueError for a ``block_index``
+    outside 0..2**32-1 (the field is a uint32) or a ``chunk_bytes`` below 1.
+    """
+    if not 0 <= block_index <= 0xFFFFFFFF:
+        raise ValueError(f"block_index {block_index} is out of range 0..2**32-1")
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    view = memoryview(block).cast("B")
+    chunks = [
+        encode_data_chunk(block_index, off, view[off : off + chunk_bytes])
+        for off in range(0, len(view), chunk_bytes)
+    ]
+    if chunks:
+        chunks[0] += bytes(trailer)
+    return chunks, checksum(view)
+
+
 # The paths the store uses. Each is bound to the native function only where
 # `kvfabric bench tiers` shows it beats the reference by >= 1.5x (docs/benchmarks.md):
 # a single large copy is as fast in numpy + xxhash (AVX2), batches are not.
@@ -72,3 +121,8 @@ copy_with_checksum = copy_with_checksum_ref
 copy_many_with_checksum = _native.copy_many_with_checksum
 gather_with_checksum = _native.gather_with_checksum
 scatter_with_checksum = _native.scatter_with_checksum
+# The two ends of a streamed Get (`kvfabric bench rpc`, docs/benchmarks.md): one
+# GIL-free pass per block or piece where the reference makes a separate hashing
+# pass, which there sits on the stream's critical path.
+encode_chunks_with_checksum = _native.encode_chunks_with_checksum
+StreamingChecksum = _native.StreamingChecksum

@@ -6,18 +6,22 @@
  *
  * A single block copy is not here: for one large block, numpy's copy plus the
  * xxhash package's AVX2 hash is as fast (kvfabric bench tiers, docs/benchmarks.md),
- * so only the batched paths, which save per-block Python overhead, are native.
+ * so only the batched paths, which save per-block Python overhead, are native,
+ * and the two ends of a streamed Get, where a separate hashing pass would sit
+ * on the critical path of the stream.
  *
  *   copy_many_with_checksum(dsts, srcs) -> list[int]
  *   gather_with_checksum(arena, offsets, size, dst) -> list[int]
  *   scatter_with_checksum(src, arena, offsets, size) -> list[int]
+ *   encode_chunks_with_checksum(block_index, block, chunk_bytes, trailer) -> (list[bytes], int)
+ *   StreamingChecksum(): .copy(dst, src), .intdigest() -> int   (a block in pieces)
  *
  * Buffers are taken through the buffer protocol (bytes, bytearray, memoryview,
  * numpy arrays, mmap, ...): sources with PyBUF_SIMPLE, destinations with
  * PyBUF_WRITABLE, and both must be C-contiguous. Arguments are fully validated
  * (with the GIL held) before any byte is written, so a call that raises leaves
  * every destination untouched. All copying and hashing runs with the GIL
- * released.
+ * released (by StreamingChecksum.copy: for pieces of KVF_GIL_FREE_MIN or more).
  *
  * Checksum: XXH3-64, seed 0, from the vendored single-header xxHash v0.8.4
  * (native/third_party/, BSD-2-Clause), identical to ``xxhash.xxh3_64_intdigest``.
@@ -91,6 +95,9 @@
 #ifndef KVF_NT_THRESHOLD
 #define KVF_NT_THRESHOLD (1024 * 1024)
 #endif
+#ifndef KVF_GIL_FREE_MIN
+#define KVF_GIL_FREE_MIN (64 * 1024) /* StreamingChecksum.copy: smaller pieces keep the GIL */
+#endif
 
 #ifndef KVF_HAVE_NT
 #if defined(__SSE2__) && (defined(__x86_64__) || defined(__i386__))
@@ -163,9 +170,40 @@ streaming_fence(int streaming)
 }
 
 /* ------------------------------------------------------------------------- */
-/* Core: copy n bytes src -> dst and return XXH3-64 of them. GIL not needed.   */
+/* Core: copy n bytes src -> dst and hash them. GIL not needed.               */
 /* ------------------------------------------------------------------------- */
 
+/* Copy n bytes src -> dst (non-overlapping) and feed them to `state`, chunk by
+ * chunk, so each chunk is hashed while it is still in cache. */
+static void
+copy_update(XXH3_state_t *state, char *dst, const char *src, size_t n, int streaming)
+{
+#if KVF_HAVE_NT
+    if (streaming) {
+        for (size_t off = 0; off < n;) {
+            size_t c = n - off < KVF_NT_CHUNK ? n - off : KVF_NT_CHUNK;
+            copy_stream(dst + off, src + off, c);
+            /* Hash the source chunk the copy just pulled into L1. */
+            (void)KVF_XXH3_UPDATE(state, src + off, c);
+            off += c;
+        }
+        return;
+    }
+#else
+    (void)streaming;
+#endif
+    for (size_t off = 0; off < n;) {
+        size_t c = n - off < KVF_CHUNK ? n - off : KVF_CHUNK;
+        memcpy(dst + off, src + off, c);
+        /* Hash the chunk just written while it is hot in cache. (Hashing the
+         * source chunk first and then copying it out of cache was ~10% faster
+         * when the source is cache-resident, ~10% slower on memory-bound moves.) */
+        (void)KVF_XXH3_UPDATE(state, dst + off, c);
+        off += c;
+    }
+}
+
+/* Copy n bytes src -> dst and return XXH3-64 of them. */
 static uint64_t
 copy_hash(char *dst, const char *src, size_t n, int streaming)
 {
@@ -181,45 +219,21 @@ copy_hash(char *dst, const char *src, size_t n, int streaming)
         memmove(dst, src, n);
         return (uint64_t)KVF_XXH3_64(src, n);
     }
-
+    /* One chunk's worth: copy it, then hash it in one shot. */
 #if KVF_HAVE_NT
-    if (streaming) {
-        if (n <= KVF_NT_CHUNK) {
-            copy_stream(dst, src, n);
-            return (uint64_t)KVF_XXH3_64(src, n);
-        }
-        XXH3_state_t state;
-        XXH3_INITSTATE(&state);
-        (void)XXH3_64bits_reset(&state);
-        for (size_t off = 0; off < n;) {
-            size_t c = n - off < KVF_NT_CHUNK ? n - off : KVF_NT_CHUNK;
-            copy_stream(dst + off, src + off, c);
-            /* Hash the source chunk the copy just pulled into L1. */
-            (void)KVF_XXH3_UPDATE(&state, src + off, c);
-            off += c;
-        }
-        return (uint64_t)XXH3_64bits_digest(&state);
+    if (streaming && n <= KVF_NT_CHUNK) {
+        copy_stream(dst, src, n);
+        return (uint64_t)KVF_XXH3_64(src, n);
     }
-#else
-    (void)streaming;
 #endif
-
-    if (n <= KVF_CHUNK) {
+    if ((!streaming || !KVF_HAVE_NT) && n <= KVF_CHUNK) {
         memcpy(dst, src, n);
         return (uint64_t)KVF_XXH3_64(dst, n);
     }
     XXH3_state_t state;
     XXH3_INITSTATE(&state);
     (void)XXH3_64bits_reset(&state);
-    for (size_t off = 0; off < n;) {
-        size_t c = n - off < KVF_CHUNK ? n - off : KVF_CHUNK;
-        memcpy(dst + off, src + off, c);
-        /* Hash the chunk just written while it is hot in cache. (Hashing the
-         * source chunk first and then copying it out of cache was ~10% faster
-         * when the source is cache-resident, ~10% slower on memory-bound moves.) */
-        (void)KVF_XXH3_UPDATE(&state, dst + off, c);
-        off += c;
-    }
+    copy_update(&state, dst, src, n, streaming);
     return (uint64_t)XXH3_64bits_digest(&state);
 }
 
@@ -368,15 +382,16 @@ get_buffer(PyObject *obj, Py_buffer *view, int writable, const char *fname, cons
     return 0;
 }
 
-/* size: a non-negative int (anything with __index__). */
+/* An int (anything with __index__) in lo..hi; errors name the argument. */
 static int
-parse_size(PyObject *obj, const char *fname, Py_ssize_t *out)
+parse_int_in(PyObject *obj, const char *fname, const char *name, Py_ssize_t lo, Py_ssize_t hi,
+             Py_ssize_t *out)
 {
     PyObject *idx = PyNumber_Index(obj);
     if (idx == NULL) {
         if (PyErr_ExceptionMatches(PyExc_TypeError)) {
-            raise_from_current(PyExc_TypeError, "%s(): size must be an int, not '%.200s'", fname,
-                               Py_TYPE(obj)->tp_name);
+            raise_from_current(PyExc_TypeError, "%s(): %s must be an int, not '%.200s'", fname,
+                               name, Py_TYPE(obj)->tp_name);
         }
         return -1;
     }
@@ -384,14 +399,18 @@ parse_size(PyObject *obj, const char *fname, Py_ssize_t *out)
     if (v == -1 && PyErr_Occurred()) {
         if (PyErr_ExceptionMatches(PyExc_OverflowError)) {
             PyErr_Clear();
-            PyErr_Format(PyExc_ValueError, "%s(): size %R is out of range", fname, idx);
+            PyErr_Format(PyExc_ValueError, "%s(): %s %R is out of range", fname, name, idx);
         }
         Py_DECREF(idx);
         return -1;
     }
     Py_DECREF(idx);
-    if (v < 0) {
-        PyErr_Format(PyExc_ValueError, "%s(): size must be >= 0, got %zd", fname, v);
+    if (v < lo) {
+        PyErr_Format(PyExc_ValueError, "%s(): %s must be >= %zd, got %zd", fname, name, lo, v);
+        return -1;
+    }
+    if (v > hi) {
+        PyErr_Format(PyExc_ValueError, "%s(): %s must be <= %zd, got %zd", fname, name, hi, v);
         return -1;
     }
     *out = v;
@@ -744,7 +763,7 @@ slots_with_checksum(const char *fname, PyObject *first, PyObject *second, PyObje
     int acquired = 0;
     PyObject *result = NULL;
 
-    if (parse_size(size_obj, fname, &size) < 0) {
+    if (parse_int_in(size_obj, fname, "size", 0, PY_SSIZE_T_MAX, &size) < 0) {
         return NULL;
     }
     offs = parse_offsets(offsets_obj, fname, &n);
@@ -844,6 +863,308 @@ scatter_with_checksum(PyObject *Py_UNUSED(module), PyObject *const *args, Py_ssi
 }
 
 /* ------------------------------------------------------------------------- */
+/* encode_chunks_with_checksum(block_index, block, chunk_bytes, trailer)        */
+/* ------------------------------------------------------------------------- */
+
+PyDoc_STRVAR(encode_chunks_with_checksum_doc,
+"encode_chunks_with_checksum($module, /, block_index, block, chunk_bytes, trailer)\n"
+"--\n"
+"\n"
+"Serialize block[off:off+chunk_bytes] for off = 0, chunk_bytes, ... as\n"
+"GetChunk{data: BlockData{block_index, offset, data}} messages (protobuf wire\n"
+"format, byte-identical to kvfabric.rpc.chunks.encode_data_chunk) and return\n"
+"(messages, XXH3-64 of the whole block). The bytes of `trailer` (other\n"
+"serialized GetChunk fields, e.g. the block's header) end the first message,\n"
+"where the generated classes put a field numbered above 2. Every payload byte is read once: it is copied into its message and\n"
+"hashed in the same pass, with the GIL released. block_index must be in\n"
+"0..2**32-1, chunk_bytes >= 1.");
+
+/* Bytes a protobuf varint of v takes. */
+static size_t
+varint_len(uint64_t v)
+{
+    size_t n = 1;
+    while (v > 0x7F) {
+        v >>= 7;
+        n++;
+    }
+    return n;
+}
+
+static char *
+put_varint(char *p, uint64_t v)
+{
+    while (v > 0x7F) {
+        *p++ = (char)((v & 0x7F) | 0x80);
+        v >>= 7;
+    }
+    *p++ = (char)v;
+    return p;
+}
+
+/* Length of the serialized GetChunk{data: BlockData{index, offset, c bytes}}
+ * before its payload; the header bytes are written to `out` if it is not NULL.
+ * proto3 leaves zero scalars out: a zero index or offset takes no bytes. */
+static size_t
+data_chunk_header(char *out, uint64_t index, uint64_t offset, size_t c)
+{
+    char buf[48];
+    char *p = buf;
+    if (index) {
+        *p++ = 0x08;
+        p = put_varint(p, index);
+    }
+    if (offset) {
+        *p++ = 0x10;
+        p = put_varint(p, offset);
+    }
+    *p++ = 0x1a;
+    p = put_varint(p, c);
+    size_t inner = (size_t)(p - buf);
+    size_t head = 1 + varint_len(inner + c) + inner;
+    if (out != NULL) {
+        out[0] = 0x12;
+        char *q = put_varint(out + 1, inner + c);
+        memcpy(q, buf, inner);
+    }
+    return head;
+}
+
+static PyObject *
+encode_chunks_with_checksum(PyObject *Py_UNUSED(module), PyObject *const *args,
+                            Py_ssize_t nargs, PyObject *kwnames)
+{
+    static const char *const fname = "encode_chunks_with_checksum";
+    static const char *const names[] = {"block_index", "block", "chunk_bytes", "trailer"};
+    PyObject *a[4];
+    PyObject *msgs = NULL, *result = NULL;
+    Py_buffer block, trailer;
+    Py_ssize_t index, chunk, count;
+    char **dsts = NULL;
+
+    if (parse_args(fname, args, nargs, kwnames, names, 4, a) < 0) {
+        return NULL;
+    }
+    /* block_index is a uint32 in the proto; chunk_bytes >= 1 so the loop ends. */
+    const Py_ssize_t max_index = PY_SSIZE_T_MAX < 0xFFFFFFFFLL ? PY_SSIZE_T_MAX : 0xFFFFFFFFLL;
+    if (parse_int_in(a[0], fname, "block_index", 0, max_index, &index) < 0 ||
+        parse_int_in(a[2], fname, "chunk_bytes", 1, PY_SSIZE_T_MAX, &chunk) < 0) {
+        return NULL;
+    }
+    if (get_buffer(a[1], &block, 0, fname, "block", -1) < 0) {
+        return NULL;
+    }
+    if (get_buffer(a[3], &trailer, 0, fname, "trailer", -1) < 0) {
+        PyBuffer_Release(&block);
+        return NULL;
+    }
+
+    /* Allocate every message and write its header with the GIL held; the
+     * payloads are filled below without it (no other thread can see them yet). */
+    count = block.len / chunk + (block.len % chunk != 0);
+    msgs = PyList_New(count);
+    dsts = PyMem_New(char *, count + 1);
+    if (msgs == NULL || dsts == NULL) {
+        if (dsts == NULL) {
+            PyErr_NoMemory();
+        }
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        size_t off = (size_t)i * (size_t)chunk;
+        size_t c = (size_t)block.len - off < (size_t)chunk ? (size_t)block.len - off
+                                                              : (size_t)chunk;
+        size_t tail = i == 0 ? (size_t)trailer.len : 0;
+        size_t head = data_chunk_header(NULL, (uint64_t)index, off, c);
+        PyObject *m = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(head + c + tail));
+        if (m == NULL) {
+            goto done;
+        }
+        PyList_SET_ITEM(msgs, i, m);
+        (void)data_chunk_header(PyBytes_AS_STRING(m), (uint64_t)index, off, c);
+        dsts[i] = PyBytes_AS_STRING(m) + head;
+        memcpy(dsts[i] + c, trailer.buf, tail);
+    }
+
+    uint64_t digest;
+    Py_BEGIN_ALLOW_THREADS
+    /* Cached stores, not streaming ones: gRPC copies each message again as
+     * soon as it is sent, and streaming stores measured no faster
+     * (docs/benchmarks.md, rpc). */
+    XXH3_state_t state;
+    XXH3_INITSTATE(&state);
+    (void)XXH3_64bits_reset(&state);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        size_t off = (size_t)i * (size_t)chunk;
+        size_t c = (size_t)block.len - off < (size_t)chunk ? (size_t)block.len - off
+                                                              : (size_t)chunk;
+        copy_update(&state, dsts[i], (const char *)block.buf + off, c, 0);
+    }
+    digest = (uint64_t)XXH3_64bits_digest(&state);
+    Py_END_ALLOW_THREADS
+
+    result = Py_BuildValue("(OK)", msgs, (unsigned long long)digest);
+
+done:
+    Py_XDECREF(msgs);
+    PyMem_Free(dsts);
+    PyBuffer_Release(&trailer);
+    PyBuffer_Release(&block);
+    return result;
+}
+
+/* ------------------------------------------------------------------------- */
+/* StreamingChecksum: copy(dst, src), intdigest()                              */
+/* ------------------------------------------------------------------------- */
+
+PyDoc_STRVAR(streaming_checksum_doc,
+"StreamingChecksum()\n"
+"--\n"
+"\n"
+"XXH3-64 (seed 0) of a block that arrives in pieces: copy(dst, src) copies\n"
+"each piece into place and feeds it to the checksum in the same pass (the GIL\n"
+"released for pieces of 64 KiB or more); intdigest() is the checksum of every\n"
+"piece so far, in order (equal to XXH3-64 of their concatenation). One thread\n"
+"at a time: a call while another thread's copy is in flight raises\n"
+"RuntimeError.");
+
+typedef struct {
+    PyObject_HEAD
+    XXH3_state_t *state; /* 64-byte aligned, from XXH3_createState */
+    int busy;            /* a copy is in flight with the GIL released */
+} StreamingChecksum;
+
+static PyObject *
+streaming_checksum_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    if (PyTuple_GET_SIZE(args) != 0 || (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "StreamingChecksum() takes no arguments");
+        return NULL;
+    }
+    StreamingChecksum *self = (StreamingChecksum *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->state = XXH3_createState();
+    if (self->state == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    (void)XXH3_64bits_reset(self->state);
+    self->busy = 0;
+    return (PyObject *)self;
+}
+
+static void
+streaming_checksum_dealloc(StreamingChecksum *self)
+{
+    if (self->state != NULL) {
+        (void)XXH3_freeState(self->state);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int
+streaming_checksum_idle(StreamingChecksum *self, const char *fname)
+{
+    if (self->busy) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "StreamingChecksum.%s(): another thread's copy is in flight", fname);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *
+streaming_checksum_copy(StreamingChecksum *self, PyObject *const *args, Py_ssize_t nargs,
+                        PyObject *kwnames)
+{
+    static const char *const fname = "StreamingChecksum.copy";
+    static const char *const names[] = {"dst", "src"};
+    PyObject *a[2];
+    Py_buffer dst, src;
+
+    if (parse_args(fname, args, nargs, kwnames, names, 2, a) < 0) {
+        return NULL;
+    }
+    if (get_buffer(a[0], &dst, 1, fname, "dst", -1) < 0) {
+        return NULL;
+    }
+    if (get_buffer(a[1], &src, 0, fname, "src", -1) < 0) {
+        PyBuffer_Release(&dst);
+        return NULL;
+    }
+    if (dst.len != src.len) {
+        PyErr_Format(PyExc_ValueError,
+                     "%s(): dst has %zd bytes but src has %zd bytes (lengths must be equal)",
+                     fname, dst.len, src.len);
+        goto fail;
+    }
+    if (streaming_checksum_idle(self, "copy") < 0) {
+        goto fail;
+    }
+    size_t n = (size_t)dst.len;
+    char *d = (char *)dst.buf;
+    const char *s = (const char *)src.buf;
+    int streaming = use_streaming(n);
+    /* A small piece is copied with the GIL held: handing the GIL over and
+     * back would cost more than the copy. */
+    self->busy = 1;
+    PyThreadState *released = n >= KVF_GIL_FREE_MIN ? PyEval_SaveThread() : NULL;
+    if ((uintptr_t)d < (uintptr_t)s + n && (uintptr_t)s < (uintptr_t)d + n) {
+        /* Overlapping ranges: as the reference, copy with memmove semantics and
+         * hash the source range as it is after the copy. */
+        memmove(d, s, n);
+        (void)KVF_XXH3_UPDATE(self->state, s, n);
+    }
+    else {
+        copy_update(self->state, d, s, n, streaming);
+        streaming_fence(streaming);
+    }
+    if (released != NULL) {
+        PyEval_RestoreThread(released);
+    }
+    self->busy = 0;
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    Py_RETURN_NONE;
+
+fail:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&dst);
+    return NULL;
+}
+
+static PyObject *
+streaming_checksum_intdigest(StreamingChecksum *self, PyObject *Py_UNUSED(ignored))
+{
+    if (streaming_checksum_idle(self, "intdigest") < 0) {
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong((unsigned long long)XXH3_64bits_digest(self->state));
+}
+
+static PyMethodDef streaming_checksum_methods[] = {
+    {"copy", (PyCFunction)(void (*)(void))streaming_checksum_copy, METH_FASTCALL | METH_KEYWORDS,
+     "copy($self, /, dst, src)\n--\n\nCopy src into dst (equal lengths) and feed the bytes "
+     "to the checksum."},
+    {"intdigest", (PyCFunction)(void (*)(void))streaming_checksum_intdigest, METH_NOARGS,
+     "intdigest($self, /)\n--\n\nXXH3-64 of every byte copied so far."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject StreamingChecksumType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kvfabric._native.StreamingChecksum",
+    .tp_basicsize = sizeof(StreamingChecksum),
+    .tp_dealloc = (destructor)streaming_checksum_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = streaming_checksum_doc,
+    .tp_methods = streaming_checksum_methods,
+    .tp_new = streaming_checksum_new,
+};
+
+/* ------------------------------------------------------------------------- */
 /* Module                                                                      */
 /* ------------------------------------------------------------------------- */
 
@@ -854,6 +1175,8 @@ static PyMethodDef native_methods[] = {
      METH_FASTCALL | METH_KEYWORDS, gather_with_checksum_doc},
     {"scatter_with_checksum", (PyCFunction)(void (*)(void))scatter_with_checksum,
      METH_FASTCALL | METH_KEYWORDS, scatter_with_checksum_doc},
+    {"encode_chunks_with_checksum", (PyCFunction)(void (*)(void))encode_chunks_with_checksum,
+     METH_FASTCALL | METH_KEYWORDS, encode_chunks_with_checksum_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -895,8 +1218,17 @@ xxh3_impl_name(void)
 PyMODINIT_FUNC
 PyInit__native(void)
 {
+    if (PyType_Ready(&StreamingChecksumType) < 0) {
+        return NULL;
+    }
     PyObject *m = PyModule_Create(&native_module);
     if (m == NULL) {
+        return NULL;
+    }
+    Py_INCREF(&StreamingChecksumType);
+    if (PyModule_AddObject(m, "StreamingChecksum", (PyObject *)&StreamingChecksumType) < 0) {
+        Py_DECREF(&StreamingChecksumType);
+        Py_DECREF(m);
         return NULL;
     }
     if (PyModule_AddStringConstant(m, "XXHASH_VERSION", Py_STRINGIFY(XXH_VERSION_MAJOR) "."

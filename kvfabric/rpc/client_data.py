@@ -27,8 +27,6 @@ from enum import Enum
 from typing import Any, NamedTuple
 
 import grpc
-import numpy as np
-import xxhash
 
 from kvfabric import errors, integrity
 from kvfabric.errors import (
@@ -272,11 +270,16 @@ def error_from_rpc(exc: Any) -> KVFabricError:
 
 # -- the bulk codec --------------------------------------------------------------------------
 class DataPart(NamedTuple):
-    """A decoded ``BlockData``: ``data`` is a view into the received message."""
+    """A decoded ``BlockData``: ``data`` is a view into the received message.
+
+    ``header`` is the block's header when it rode on this message
+    (``GetChunk.block_header``, sent for ``inline_headers``).
+    """
 
     block_index: int
     offset: int
     data: memoryview
+    header: pb.GetHeader | None = None
 
 
 _VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
@@ -321,14 +324,18 @@ def _fields(buf: memoryview, pos: int, end: int) -> list[tuple[int, int, int, in
 def decode_get_chunk(raw: bytes) -> pb.GetHeader | DataPart | None:
     """Decode one serialized ``GetChunk``: its header, its data (zero-copy) or None if empty.
 
-    As protobuf does for a ``oneof``, the part that comes last wins.
+    As protobuf does for a ``oneof``, the part that comes last wins; an inline
+    ``block_header`` comes back on the data part.
     """
     view = memoryview(raw)
     part: pb.GetHeader | DataPart | None = None
+    inline: pb.GetHeader | None = None
     for number, kind, start, stop in _fields(view, 0, len(view)):
         if kind != _LEN:
             continue
-        if number == 1:
+        if number == 3:
+            inline = pb.GetHeader.FromString(bytes(view[start:stop]))
+        elif number == 1:
             part = pb.GetHeader.FromString(bytes(view[start:stop]))
         elif number == 2:
             index = offset = 0
@@ -341,12 +348,13 @@ def decode_get_chunk(raw: bytes) -> pb.GetHeader | DataPart | None:
                 elif n == 3 and k == _LEN:
                     data = view[a:b]
             part = DataPart(index & 0xFFFFFFFF, offset & 0xFFFFFFFFFFFFFFFF, data)
+    if isinstance(part, DataPart) and inline is not None:
+        return part._replace(header=inline)
     return part
 
 
 # -- the get path ----------------------------------------------------------------------------
 _GET = "/kvfabric.v1.KVFabric/Get"
-_GIL_FREE_COPY = 64 * 1024
 
 
 class _Block:
@@ -354,8 +362,8 @@ class _Block:
 
     The checksum is computed while the bytes land, not after the stream: a
     block that comes in one message is copied and checksummed in one native
-    pass; one in several chunks feeds each chunk, still in cache, to a
-    streaming XXH3 (equal to XXH3 of the whole block).
+    pass; one in several chunks is too, chunk by chunk, into a streaming XXH3
+    (equal to XXH3 of the whole block).
     """
 
     __slots__ = ("buf", "digest", "hasher", "header", "received")
@@ -447,12 +455,14 @@ class BlockGetter:
     ) -> list[_Block]:  # fmt: skip
         """Read one Get stream: every header, and the chunks of the blocks it streams."""
         request = pb.GetRequest(namespace=namespace, hashes=hashes, data_plane=data_plane,
-                                chunk_bytes=self._chunk_bytes)  # fmt: skip
+                                chunk_bytes=self._chunk_bytes, inline_headers=True)  # fmt: skip
         call = self._call(request, timeout=_left(deadline), metadata=self._metadata)
         blocks: list[_Block] = []
         try:
             for part in call:
                 if isinstance(part, DataPart):
+                    if part.header is not None:
+                        blocks.append(_new_block(part.header, len(blocks), len(hashes), dsts))
                     _land(blocks, part)
                 elif part is not None:
                     blocks.append(_new_block(part, len(blocks), len(hashes), dsts))
@@ -507,13 +517,10 @@ def _land(blocks: list[_Block], part: DataPart) -> None:
         b.received = n
         return
     if b.hasher is None:
-        b.hasher = xxhash.xxh3_64()
-    if n >= _GIL_FREE_COPY:  # numpy copies without the GIL: gRPC's threads keep going
-        dst = np.frombuffer(b.buf, np.uint8, n, b.received)
-        np.copyto(dst, np.frombuffer(part.data, np.uint8))
-    else:
-        b.buf[b.received : b.received + n] = part.data
-    b.hasher.update(part.data)  # just read by the copy: hashed from cache
+        b.hasher = integrity.StreamingChecksum()
+    # One pass: copied into place and hashed while in cache (GIL released for
+    # large pieces, so gRPC's threads keep going).
+    b.hasher.copy(b.buf[b.received : b.received + n], part.data)
     b.received += n
     if b.received == len(b.buf):
         b.digest = b.hasher.intdigest()

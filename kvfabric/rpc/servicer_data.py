@@ -4,8 +4,9 @@
   into one preallocated buffer; nothing reaches the store until the whole
   stream has arrived and checked out.
 * :func:`stream_get` sends a header per requested block and, unless the
-  client reads over the data plane, the block's bytes sliced straight from a
-  read lease on the store.
+  client reads over the data plane, the block's bytes: copied out of a read
+  lease into their chunk messages in one hashing pass, and sent only once
+  the whole block matches its stored checksum.
 * :func:`stream_events` pages through directory events and, when asked,
   follows new ones until the client leaves or the server's cap is reached.
 
@@ -20,7 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvfabric import integrity
 from kvfabric.config import KVFabricConfig
@@ -28,9 +29,9 @@ from kvfabric.errors import DeadlineExceeded, InvalidArgument
 from kvfabric.node.service import NodeStoreService
 from kvfabric.rpc import convert
 from kvfabric.rpc.auth import Grant
-from kvfabric.rpc.chunks import encode_data_chunk
+from kvfabric.rpc.chunks import encode_field
 from kvfabric.rpc.v1 import kvfabric_pb2 as pb
-from kvfabric.types import BlockKey
+from kvfabric.types import BlockKey, BlockMeta
 
 log = logging.getLogger(__name__)
 
@@ -234,34 +235,66 @@ def stream_get(
             else:
                 yield _header(service, i, meta.size, meta.checksum, int(meta.tier))
             continue
-        yield from _stream_block(service, i, key, size, deadline)
+        yield from _stream_block(service, i, key, size, deadline, request.inline_headers)
+
+
+class _Encoded(NamedTuple):
+    """One block read for a streamed Get: its messages and both checksums."""
+
+    chunks: list[bytes]
+    size: int
+    digest: int  # of the bytes just read
+    stored: int  # the checksum the store holds for the block
 
 
 def _stream_block(
-    service: NodeStoreService, index: int, key: BlockKey, size: int, deadline: Deadline
-) -> Iterator[pb.GetChunk | bytes]:
+    service: NodeStoreService, index: int, key: BlockKey, size: int, deadline: Deadline,
+    inline: bool,
+) -> Iterator[pb.GetChunk | bytes]:  # fmt: skip
     meta = service.core.meta(key)
-    lease = service.core.open_read([key])
-    corrupt = False
-    try:
-        buf, want = lease.buffers[0], lease.checksums[0]
-        if meta is None or buf is None or want is None:
-            yield _missing(index)
-            return
-        view = memoryview(buf).cast("B")
-        corrupt = integrity.checksum(view) != want
-        if not corrupt:
-            yield _header(service, index, len(view), want, int(meta.tier))
-            for offset in range(0, len(view), size):
-                deadline.check("Get")
-                # The one copy of the bytes: into the pre-encoded message (see rpc/chunks.py).
-                yield encode_data_chunk(index, offset, view[offset : offset + size])
-    finally:
-        lease.release()
-    if corrupt:
+    block = None if meta is None else _read_encoded(service, index, key, size, meta, inline)
+    if meta is None or block is None:
+        yield _missing(index)
+        return
+    if block.digest != block.stored:
         # A verified read drops the block and counts it; never serve bad bytes.
         service.core.get_into([key], [bytearray(meta.size)], promote=False)
         yield _missing(index)
+        return
+    if not inline:
+        yield _header(service, index, block.size, block.stored, int(meta.tier))
+    for chunk in block.chunks:
+        deadline.check("Get")
+        yield chunk
+
+
+def _read_encoded(
+    service: NodeStoreService, index: int, key: BlockKey, size: int, meta: BlockMeta,
+    inline: bool,
+) -> _Encoded | None:  # fmt: skip
+    """The block's Get messages in chunks of ``size``; None if it is not here.
+
+    The one pass over the bytes: they are copied into the pre-encoded messages
+    (see rpc/chunks.py) and hashed on the way, so the caller verifies the whole
+    block before sending its first chunk, and no lease is held while the
+    client reads. With ``inline`` the first message also carries the block's
+    header (``GetChunk.block_header``): one message per block fewer, which
+    in Python gRPC costs about as much as a chunk's bytes (docs/data-path.md).
+    """
+    lease = service.core.open_read([key])
+    try:
+        buf, stored = lease.buffers[0], lease.checksums[0]
+        if buf is None or stored is None:
+            return None
+        view = memoryview(buf).cast("B")
+        trailer = b""
+        if inline:
+            header = _header(service, index, len(view), stored, int(meta.tier)).header
+            trailer = encode_field(3, header.SerializeToString())
+        chunks, digest = integrity.encode_chunks_with_checksum(index, view, size, trailer)
+        return _Encoded(chunks, len(view), digest, stored)
+    finally:
+        lease.release()
 
 
 def _missing(index: int) -> pb.GetChunk:

@@ -22,6 +22,8 @@ from hypothesis import strategies as st
 
 from kvfabric import _native  # type: ignore[attr-defined]
 from kvfabric import integrity as ig
+from kvfabric.rpc.chunks import encode_field
+from kvfabric.rpc.v1 import kvfabric_pb2 as pb
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -399,6 +401,167 @@ def test_buffers_released_after_errors() -> None:
     arena.extend(b"x")
 
 
+# ------------------------------------------------------------------ encode_chunks
+
+
+def _generated(
+    index: int, block: bytes, chunk: int, header: pb.GetHeader | None = None
+) -> list[bytes]:
+    """What the generated protobuf classes serialize for each chunk of ``block`` (the
+    first carrying ``header`` as its ``block_header``)."""
+    return [
+        pb.GetChunk(
+            data=pb.BlockData(block_index=index, offset=off, data=block[off : off + chunk]),
+            block_header=header if off == 0 else None,
+        ).SerializeToString()
+        for off in range(0, len(block), chunk)
+    ]
+
+
+@FAST
+@given(
+    block=st.binary(max_size=3000),
+    chunk=st.integers(1, 1200),
+    index=st.one_of(st.sampled_from([0, 1, 127, 128, 16383, 16384, 2**32 - 1]),
+                    st.integers(0, 2**32 - 1)),
+)  # fmt: skip
+def test_encode_chunks_matches_ref_and_the_generated_classes(
+    block: bytes, chunk: int, index: int
+) -> None:
+    chunks, digest = _native.encode_chunks_with_checksum(index, block, chunk, b"")
+    assert (chunks, digest) == ig.encode_chunks_with_checksum_ref(index, block, chunk, b"")
+    assert chunks == _generated(index, block, chunk)
+    assert digest == _xxh(block)
+
+
+@FAST
+@given(block=st.binary(min_size=1, max_size=3000), chunk=st.integers(1, 1200),
+       index=st.integers(0, 2**32 - 1), size=st.integers(0, 2**64 - 1),
+       checksum=st.integers(0, 2**64 - 1), address=st.text(max_size=30))  # fmt: skip
+def test_an_inline_header_trailer_gives_the_generated_block_header(
+    block: bytes, chunk: int, index: int, size: int, checksum: int, address: str
+) -> None:
+    header = pb.GetHeader(block_index=index, found=True, size=size, checksum=checksum,
+                          location=pb.Location(node_id="n", address=address))  # fmt: skip
+    trailer = encode_field(3, header.SerializeToString())
+    chunks, digest = _native.encode_chunks_with_checksum(index, block, chunk, trailer)
+    assert (chunks, digest) == ig.encode_chunks_with_checksum_ref(index, block, chunk, trailer)
+    assert chunks == _generated(index, block, chunk, header)
+
+
+@pytest.mark.parametrize(
+    ("n", "chunk"),
+    [(3 * (1 << 20) + 5, 1 << 20), (2 << 20, 4 << 20), (CHUNK * 3 + 7, CHUNK - 1),
+     (CHUNK * 2, CHUNK), (300_000, 4096)],
+)  # fmt: skip
+def test_encode_chunks_large_blocks(n: int, chunk: int) -> None:
+    """Chunks that straddle the native copy's own internal pieces, and offsets past 2**21."""
+    block = _rand(n, n)
+    chunks, digest = _native.encode_chunks_with_checksum(5, block, chunk, b"")
+    assert chunks == _generated(5, block, chunk)
+    assert digest == _xxh(block)
+
+
+def test_encode_chunks_buffer_kinds() -> None:
+    raw = _rand(10_000, 3)
+    want = ig.encode_chunks_with_checksum_ref(2, raw, 999, b"")
+    kinds: list[Any] = [bytearray(raw), memoryview(raw), np.frombuffer(raw, np.uint8),
+                        np.frombuffer(raw, np.uint16), memoryview(b"xx" + raw)[2:]]  # fmt: skip
+    for kind in kinds:
+        assert _native.encode_chunks_with_checksum(2, kind, 999, b"") == want
+        assert ig.encode_chunks_with_checksum_ref(2, kind, 999, b"") == want
+    with mmap.mmap(-1, len(raw)) as m:
+        m[:] = raw
+        assert _native.encode_chunks_with_checksum(2, m, 999, b"") == want
+
+
+def test_encode_chunks_of_an_empty_block() -> None:
+    assert _native.encode_chunks_with_checksum(0, b"", 10, b"") == ([], _xxh(b""))
+    assert ig.encode_chunks_with_checksum_ref(0, b"", 10, b"") == ([], _xxh(b""))
+
+
+@pytest.mark.parametrize(
+    ("exc", "args"),
+    [(ValueError, (-1, b"abc", 2, b"")), (ValueError, (2**32, b"abc", 2, b"")),
+     (ValueError, (0, b"abc", 0, b"")), (ValueError, (0, b"abc", -5, b"")),
+     (TypeError, ("1", b"abc", 2, b"")), (TypeError, (0, "abc", 2, b"")),
+     (TypeError, (0, np.zeros((4, 4), np.uint8)[:, 1], 2, b"")),
+     (TypeError, (0, b"abc", 2, "trailer")), (TypeError, (0, b"abc", 2))],
+)  # fmt: skip
+def test_encode_chunks_bad_inputs(exc: type[Exception], args: tuple[Any, ...]) -> None:
+    with pytest.raises(exc):
+        _native.encode_chunks_with_checksum(*args)
+    with pytest.raises(exc):
+        ig.encode_chunks_with_checksum_ref(*args)
+
+
+def test_encode_chunks_releases_its_buffer_after_errors() -> None:
+    block = bytearray(64)
+    with pytest.raises(ValueError):
+        _native.encode_chunks_with_checksum(2**40, block, 8, b"")
+    with pytest.raises(TypeError):
+        _native.encode_chunks_with_checksum(0, block, 8, "not bytes")
+    _native.encode_chunks_with_checksum(0, block, 8, b"")
+    block.extend(b"x")  # BufferError if an export were still held
+
+
+# -------------------------------------------------------------- StreamingChecksum
+
+
+def _land_pieces(make: Callable[[], Any], pieces: list[bytes]) -> tuple[bytearray, int]:
+    """Copy ``pieces`` one after another into one buffer; the bytes and the checksum."""
+    dst, h, pos = bytearray(sum(map(len, pieces))), make(), 0
+    for piece in pieces:
+        h.copy(memoryview(dst)[pos : pos + len(piece)], piece)
+        pos += len(piece)
+    return dst, h.intdigest()
+
+
+@FAST
+@given(pieces=st.lists(st.binary(max_size=700), max_size=8))
+def test_streaming_checksum_matches_ref(pieces: list[bytes]) -> None:
+    got = _land_pieces(_native.StreamingChecksum, pieces)
+    assert got == _land_pieces(ig.StreamingChecksumRef, pieces)
+    assert got == (bytearray(b"".join(pieces)), _xxh(b"".join(pieces)))
+
+
+@pytest.mark.parametrize(
+    "sizes",
+    [[1 << 20, 1 << 20], [(64 << 10) - 1, 1, 64 << 10, 3], [3 * (1 << 20) + 5],
+     [BIG_CALL - 1, BIG_CALL + 7], [CHUNK + 1, STREAM_CHUNK - 1, 240, 17]],
+)  # fmt: skip
+def test_streaming_checksum_large_pieces(sizes: list[int]) -> None:
+    """Pieces on both sides of the GIL and streaming-store thresholds and the chunk sizes."""
+    pieces = [_rand(n, i) for i, n in enumerate(sizes)]
+    assert _land_pieces(_native.StreamingChecksum, pieces) == (
+        bytearray(b"".join(pieces)), _xxh(b"".join(pieces)))  # fmt: skip
+
+
+def test_streaming_checksum_overlapping_matches_ref() -> None:
+    raw = _rand(200_000, 9)
+    bufs = [bytearray(raw), bytearray(raw)]
+    for buf, h in zip(bufs, (_native.StreamingChecksum(), ig.StreamingChecksumRef()), strict=True):
+        h.copy(memoryview(buf)[1000:101_000], memoryview(buf)[0:100_000])
+        h.copy(memoryview(buf)[0:100_000], memoryview(buf)[50_000:150_000])
+        buf.append(h.intdigest() & 0xFF)
+    assert bufs[0] == bufs[1]
+
+
+def test_streaming_checksum_bad_inputs_change_nothing() -> None:
+    h, dst = _native.StreamingChecksum(), bytearray(4)
+    h.copy(dst, b"abcd")
+    before = h.intdigest()
+    for args, exc in [((bytearray(3), b"abcd"), ValueError), ((b"ro!!", b"abcd"), TypeError),
+                      (("str!", b"abcd"), TypeError), ((dst, 1234), TypeError),
+                      ((np.zeros((4, 4), np.uint8)[:, 0], b"abcd"), TypeError)]:  # fmt: skip
+        with pytest.raises(exc):
+            h.copy(*args)
+    assert h.intdigest() == before == _xxh(b"abcd") and dst == b"abcd"
+    dst.extend(b"x")  # BufferError if an export were still held
+    with pytest.raises(TypeError):
+        _native.StreamingChecksum(0)
+
+
 # ----------------------------------------------------------------------- threads
 
 
@@ -427,7 +590,8 @@ def test_concurrent_copies_are_correct() -> None:
     assert errors == []
 
 
-def test_gil_is_released_during_copy() -> None:
+@pytest.mark.parametrize("call", ["copy_many", "encode_chunks", "streaming_checksum"])
+def test_gil_is_released_during_copy(call: str) -> None:
     """Another Python thread runs while a long native copy is in flight.
 
     A C call that kept the GIL would block every other Python thread for its
@@ -450,7 +614,12 @@ def test_gil_is_released_during_copy() -> None:
     started.wait()
     try:
         t0 = time.perf_counter()
-        _native.copy_many_with_checksum([dst] * 6, [src] * 6)
+        if call == "copy_many":
+            _native.copy_many_with_checksum([dst] * 6, [src] * 6)
+        elif call == "encode_chunks":  # one call: between two calls the GIL is free anyway
+            _native.encode_chunks_with_checksum(0, src, 1 << 20, b"")
+        else:
+            _native.StreamingChecksum().copy(dst, src)
         t1 = time.perf_counter()
     finally:
         done.set()

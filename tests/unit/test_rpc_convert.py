@@ -251,6 +251,52 @@ def test_put_assembler_refuses_every_malformed_sequence() -> None:
         short.finish()
 
 
+def test_get_stream_sends_verified_blocks_and_never_a_corrupt_one(tmp_path: Path) -> None:
+    """Each found block: its header, then its bytes; a block corrupt at rest: a miss only."""
+    from kvfabric import integrity
+    from kvfabric.rpc.client_data import DataPart, decode_get_chunk
+    from kvfabric.rpc.servicer_data import Deadline, stream_get
+    from tests.conftest import NS, block, key, make_store
+
+    store = make_store(tmp_path)
+    try:
+        store.register_namespace(NS, 16 * KiB)
+        keys = [key(i) for i in range(3)]
+        for i, k in enumerate(keys):
+            store.put(k, block(i, 16 * KiB))
+        cpu = store.tiers[Tier.CPU]
+        offset = cpu.slot_offset(keys[1])
+        assert offset is not None
+        cpu.arena.view[offset + 100] ^= 0x5A
+
+        class Service:  # the parts of NodeStoreService a Get uses, over a real store
+            core, node_id, address = store, "n1", "127.0.0.1:1"
+
+            def pull_missing(self, absent: list[BlockKey]) -> int:
+                return 0
+
+        request = pb.GetRequest(namespace=NS, chunk_bytes=4 * KiB)
+        stream = stream_get(Service(), store.config, request, keys, Deadline(None, 10.0))
+        got = [decode_get_chunk(m if isinstance(m, bytes) else m.SerializeToString())
+               for m in stream]  # fmt: skip
+        headers = [(p.block_index, p.found) for p in got if isinstance(p, pb.GetHeader)]
+        assert headers == [(0, True), (1, False), (2, True)]
+        data = [(p.block_index, p.offset) for p in got if isinstance(p, DataPart)]
+        assert data == [(i, off) for i in (0, 2) for off in range(0, 16 * KiB, 4 * KiB)]
+        for i in (0, 2):  # each header comes before its bytes, which match its checksum
+            first = next(n for n, p in enumerate(got) if isinstance(p, pb.GetHeader)
+                         and p.block_index == i)  # fmt: skip
+            header, chunks = got[first], got[first + 1 : first + 5]
+            assert isinstance(header, pb.GetHeader)
+            assert all(isinstance(c, DataPart) and c.block_index == i for c in chunks)
+            payload = b"".join(bytes(c.data) for c in chunks if isinstance(c, DataPart))
+            assert payload == block(i, 16 * KiB)
+            assert header.size == len(payload) and header.checksum == integrity.checksum(payload)
+        assert store.contains(keys) == [Tier.CPU, None, Tier.CPU]  # the corrupt one is dropped
+    finally:
+        store.close()
+
+
 def test_unreadable_or_malformed_files_are_config_errors(tmp_path: Path) -> None:
     from kvfabric.errors import ConfigError
     from kvfabric.rpc.auth import load_tokens

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from kvfabric import integrity
 from kvfabric.errors import Corrupt
-from kvfabric.rpc.client_data import DataPart, _Block, _land, _verified
+from kvfabric.rpc.chunks import encode_field
+from kvfabric.rpc.client_data import DataPart, _Block, _land, _verified, decode_get_chunk
 from kvfabric.rpc.v1 import kvfabric_pb2 as pb
 
 
@@ -37,6 +38,24 @@ def test_any_chunking_lands_the_bytes_and_their_checksum(
     bounds = sorted({c for c in cuts if c < size} | {0, size})
     for a, b in itertools.pairwise(bounds):
         _land(blocks, DataPart(0, a, memoryview(data)[a:b]))
+    assert bytes(buf) == data and _verified(blocks[0])
+
+
+@settings(max_examples=30, deadline=None)
+@given(size=st.integers(1, 300_000), chunk=st.integers(4096, 200_000),
+       seed=st.integers(0, 2**32 - 1))  # fmt: skip
+def test_what_the_server_encodes_lands_verified(size: int, chunk: int, seed: int) -> None:
+    """The server's messages of a block, decoded and landed, give its bytes and checksum."""
+    data = np.random.default_rng(seed).integers(0, 256, size, dtype=np.uint8).tobytes()
+    blocks, buf = _block(data)
+    trailer = encode_field(3, blocks[0].header.SerializeToString())
+    messages, digest = integrity.encode_chunks_with_checksum(0, data, chunk, trailer)
+    assert digest == integrity.checksum(data)
+    for i, raw in enumerate(messages):
+        part = decode_get_chunk(raw)
+        assert isinstance(part, DataPart)
+        assert part.header == (blocks[0].header if i == 0 else None)  # inline, first only
+        _land(blocks, part)
     assert bytes(buf) == data and _verified(blocks[0])
 
 

@@ -134,16 +134,18 @@ class PutResponse(_message.Message):
     def __init__(self, statuses: _Optional[_Iterable[_Union[PutStatus, str]]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("namespace", "hashes", "data_plane", "chunk_bytes")
+    __slots__ = ("namespace", "hashes", "data_plane", "chunk_bytes", "inline_headers")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     HASHES_FIELD_NUMBER: _ClassVar[int]
     DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    INLINE_HEADERS_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     hashes: _containers.RepeatedScalarFieldContainer[bytes]
     data_plane: bool
     chunk_bytes: int
-    def __init__(self, namespace: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., data_plane: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    inline_headers: bool
+    def __init__(self, namespace: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., data_plane: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., inline_headers: _Optional[bool] = ...) -> None: ...
 
 class GetHeader(_message.Message):
     __slots__ = ("block_index", "found", "size", "checksum", "location")
@@ -160,12 +162,14 @@ class GetHeader(_message.Message):
     def __init__(self, block_index: _Optional[int] = ..., found: _Optional[bool] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ..., location: _Optional[_Union[Location, _Mapping]] = ...) -> None: ...
 
 class GetChunk(_message.Message):
-    __slots__ = ("header", "data")
+    __slots__ = ("header", "data", "block_header")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HEADER_FIELD_NUMBER: _ClassVar[int]
     header: GetHeader
     data: BlockData
-    def __init__(self, header: _Optional[_Union[GetHeader, _Mapping]] = ..., data: _Optional[_Union[BlockData, _Mapping]] = ...) -> None: ...
+    block_header: GetHeader
+    def __init__(self, header: _Optional[_Union[GetHeader, _Mapping]] = ..., data: _Optional[_Union[BlockData, _Mapping]] = ..., block_header: _Optional[_Union[GetHeader, _Mapping]] = ...) -> None: ...
 
 class MoveRequest(_message.Message):
     __slots__ = ("namespace", "hashes", "tier", "node_id")
