@@ -321,3 +321,49 @@ def test_unreadable_or_malformed_files_are_config_errors(tmp_path: Path) -> None
         with pytest.raises(ConfigError) as err:
             server_credentials(CFG.replace(**files))
         assert err.value.field == field
+
+
+def test_inline_headers_ride_on_first_chunks_and_a_corrupt_block_is_a_lone_miss(
+    tmp_path: Path,
+) -> None:
+    from kvfabric import integrity
+    from kvfabric.rpc.client_data import DataPart, decode_get_chunk
+    from kvfabric.rpc.servicer_data import Deadline, stream_get
+    from tests.conftest import NS, block, key, make_store
+
+    store = make_store(tmp_path)
+    try:
+        store.register_namespace(NS, 16 * KiB)
+        keys = [key(i) for i in range(3)]
+        for i, k in enumerate(keys):
+            store.put(k, block(i, 16 * KiB))
+        cpu = store.tiers[Tier.CPU]
+        offset = cpu.slot_offset(keys[1])
+        assert offset is not None
+        cpu.arena.view[offset + 100] ^= 0x5A
+
+        class Service:
+            core, node_id, address = store, "n1", "127.0.0.1:1"
+
+            def pull_missing(self, absent: list[BlockKey]) -> int:
+                return 0
+
+        request = pb.GetRequest(namespace=NS, chunk_bytes=4 * KiB, inline_headers=True)
+        stream = stream_get(Service(), store.config, request, keys, Deadline(None, 10.0))
+        raw = [m if isinstance(m, bytes) else m.SerializeToString() for m in stream]
+        got = [decode_get_chunk(m) for m in raw]
+        alone = [(p.block_index, p.found) for p in got if isinstance(p, pb.GetHeader)]
+        assert alone == [(1, False)]
+        assert len(got) == 4 + 1 + 4  # no header message of its own for a found block
+        for i, first in ((0, 0), (2, 5)):
+            part = got[first]
+            assert isinstance(part, DataPart) and part.header is not None
+            assert pb.GetChunk.FromString(raw[first]).block_header == part.header
+            assert (part.header.block_index, part.header.found, part.header.size) == (
+                i, True, 16 * KiB)  # fmt: skip
+            assert part.header.checksum == integrity.checksum(block(i, 16 * KiB))
+            assert all(isinstance(p, DataPart) and p.header is None
+                       for p in got[first + 1 : first + 4])  # fmt: skip
+        assert store.contains(keys) == [Tier.CPU, None, Tier.CPU]
+    finally:
+        store.close()
