@@ -321,8 +321,9 @@ def _fields(buf: memoryview, pos: int, end: int) -> list[tuple[int, int, int, in
     return out
 
 
-def decode_get_chunk(raw: bytes) -> pb.GetHeader | DataPart | None:
-    """Decode one serialized ``GetChunk``: its header, its data (zero-copy) or None if empty.
+def decode_get_chunk(raw: bytes) -> pb.GetHeader | DataPart | list[pb.GetHeader] | None:
+    """Decode one serialized ``GetChunk``: its header, its data (zero-copy), the batch of
+    headers it carries (``batch_headers``), or None if empty.
 
     As protobuf does for a ``oneof``, the part that comes last wins; an inline
     ``block_header`` comes back on the data part.
@@ -330,10 +331,13 @@ def decode_get_chunk(raw: bytes) -> pb.GetHeader | DataPart | None:
     view = memoryview(raw)
     part: pb.GetHeader | DataPart | None = None
     inline: pb.GetHeader | None = None
+    batch: list[pb.GetHeader] = []
     for number, kind, start, stop in _fields(view, 0, len(view)):
         if kind != _LEN:
             continue
-        if number == 3:
+        if number == 4:
+            batch.append(pb.GetHeader.FromString(bytes(view[start:stop])))
+        elif number == 3:
             inline = pb.GetHeader.FromString(bytes(view[start:stop]))
         elif number == 1:
             part = pb.GetHeader.FromString(bytes(view[start:stop]))
@@ -348,6 +352,10 @@ def decode_get_chunk(raw: bytes) -> pb.GetHeader | DataPart | None:
                 elif n == 3 and k == _LEN:
                     data = view[a:b]
             part = DataPart(index & 0xFFFFFFFF, offset & 0xFFFFFFFFFFFFFFFF, data)
+    if batch:
+        if part is not None:
+            raise Corrupt("a GetChunk carries a batch of headers and a part", "response")
+        return batch
     if isinstance(part, DataPart) and inline is not None:
         return part._replace(header=inline)
     return part
@@ -455,12 +463,16 @@ class BlockGetter:
     ) -> list[_Block]:  # fmt: skip
         """Read one Get stream: every header, and the chunks of the blocks it streams."""
         request = pb.GetRequest(namespace=namespace, hashes=hashes, data_plane=data_plane,
-                                chunk_bytes=self._chunk_bytes, inline_headers=True)  # fmt: skip
+                                chunk_bytes=self._chunk_bytes, inline_headers=True,
+                                batch_headers=data_plane)  # fmt: skip
         call = self._call(request, timeout=_left(deadline), metadata=self._metadata)
         blocks: list[_Block] = []
         try:
             for part in call:
-                if isinstance(part, DataPart):
+                if isinstance(part, list):
+                    for h in part:
+                        blocks.append(_new_block(h, len(blocks), len(hashes), dsts))
+                elif isinstance(part, DataPart):
                     if part.header is not None:
                         blocks.append(_new_block(part.header, len(blocks), len(hashes), dsts))
                     _land(blocks, part)

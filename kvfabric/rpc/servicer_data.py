@@ -221,21 +221,35 @@ def stream_get(
     keys: list[BlockKey],
     deadline: Deadline,
 ) -> Iterator[pb.GetChunk | bytes]:
-    """A header per key in order; each found block's bytes follow unless ``data_plane``."""
+    """A header per key in order; each found block's bytes follow unless ``data_plane``.
+
+    With ``data_plane`` and ``batch_headers`` every header goes in one message:
+    a message per block costs a trip through Python gRPC each, ~15 % of a
+    128-block data-plane get (docs/benchmarks.md, rpc).
+    """
     absent = [k for k, t in zip(keys, service.core.contains(keys), strict=True) if t is None]
     if absent:
         service.pull_missing(absent)  # a Get on any node returns the cluster's blocks
     size = convert.chunk_bytes(request.chunk_bytes, config)
+    if request.data_plane:
+        deadline.check("Get")
+        headers = (_plane_header(service, i, key) for i, key in enumerate(keys))
+        if request.batch_headers:
+            yield pb.GetChunk(headers=[c.header for c in headers])
+        else:
+            yield from headers
+        return
     for i, key in enumerate(keys):
         deadline.check("Get")
-        if request.data_plane:
-            meta = service.core.meta(key)
-            if meta is None:
-                yield _missing(i)
-            else:
-                yield _header(service, i, meta.size, meta.checksum, int(meta.tier))
-            continue
         yield from _stream_block(service, i, key, size, deadline, request.inline_headers)
+
+
+def _plane_header(service: NodeStoreService, index: int, key: BlockKey) -> pb.GetChunk:
+    """The header of a block the client reads over the data plane (or a miss)."""
+    meta = service.core.meta(key)
+    if meta is None:
+        return _missing(index)
+    return _header(service, index, meta.size, meta.checksum, int(meta.tier))
 
 
 class _Encoded(NamedTuple):

@@ -367,3 +367,41 @@ def test_inline_headers_ride_on_first_chunks_and_a_corrupt_block_is_a_lone_miss(
         assert store.contains(keys) == [Tier.CPU, None, Tier.CPU]
     finally:
         store.close()
+
+
+def test_batched_headers_come_in_one_message_in_order(tmp_path: Path) -> None:
+    from kvfabric.errors import Corrupt
+    from kvfabric.rpc.client_data import decode_get_chunk
+    from kvfabric.rpc.servicer_data import Deadline, stream_get
+    from tests.conftest import NS, block, key, make_store
+
+    store = make_store(tmp_path)
+    try:
+        store.register_namespace(NS, 16 * KiB)
+        keys = [key(i) for i in range(4)]
+        for i in (0, 1, 3):
+            store.put(keys[i], block(i, 16 * KiB))
+
+        class Service:
+            core, node_id, address = store, "n1", "127.0.0.1:1"
+
+            def pull_missing(self, absent: list[BlockKey]) -> int:
+                return 0
+
+        def get(batch: bool) -> list[bytes]:
+            request = pb.GetRequest(namespace=NS, data_plane=True, batch_headers=batch)
+            stream = stream_get(Service(), store.config, request, keys, Deadline(None, 10.0))
+            return [m if isinstance(m, bytes) else m.SerializeToString() for m in stream]
+
+        one, each = get(True), get(False)
+        assert len(one) == 1 and len(each) == 4
+        batch = decode_get_chunk(one[0])
+        assert isinstance(batch, list)
+        assert batch == [decode_get_chunk(m) for m in each]  # the same headers, in order
+        assert [(h.block_index, h.found) for h in batch] == [(0, True), (1, True), (2, False),
+                                                             (3, True)]  # fmt: skip
+        both = pb.GetChunk(header=batch[0], headers=batch[1:]).SerializeToString()
+        with pytest.raises(Corrupt, match="batch of headers and a part"):
+            decode_get_chunk(both)
+    finally:
+        store.close()

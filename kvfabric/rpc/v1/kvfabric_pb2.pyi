@@ -134,18 +134,20 @@ class PutResponse(_message.Message):
     def __init__(self, statuses: _Optional[_Iterable[_Union[PutStatus, str]]] = ...) -> None: ...
 
 class GetRequest(_message.Message):
-    __slots__ = ("namespace", "hashes", "data_plane", "chunk_bytes", "inline_headers")
+    __slots__ = ("namespace", "hashes", "data_plane", "chunk_bytes", "inline_headers", "batch_headers")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     HASHES_FIELD_NUMBER: _ClassVar[int]
     DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     INLINE_HEADERS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_HEADERS_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     hashes: _containers.RepeatedScalarFieldContainer[bytes]
     data_plane: bool
     chunk_bytes: int
     inline_headers: bool
-    def __init__(self, namespace: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., data_plane: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., inline_headers: _Optional[bool] = ...) -> None: ...
+    batch_headers: bool
+    def __init__(self, namespace: _Optional[str] = ..., hashes: _Optional[_Iterable[bytes]] = ..., data_plane: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ..., inline_headers: _Optional[bool] = ..., batch_headers: _Optional[bool] = ...) -> None: ...
 
 class GetHeader(_message.Message):
     __slots__ = ("block_index", "found", "size", "checksum", "location")
@@ -162,14 +164,16 @@ class GetHeader(_message.Message):
     def __init__(self, block_index: _Optional[int] = ..., found: _Optional[bool] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ..., location: _Optional[_Union[Location, _Mapping]] = ...) -> None: ...
 
 class GetChunk(_message.Message):
-    __slots__ = ("header", "data", "block_header")
+    __slots__ = ("header", "data", "block_header", "headers")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     BLOCK_HEADER_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
     header: GetHeader
     data: BlockData
     block_header: GetHeader
-    def __init__(self, header: _Optional[_Union[GetHeader, _Mapping]] = ..., data: _Optional[_Union[BlockData, _Mapping]] = ..., block_header: _Optional[_Union[GetHeader, _Mapping]] = ...) -> None: ...
+    headers: _containers.RepeatedCompositeFieldContainer[GetHeader]
+    def __init__(self, header: _Optional[_Union[GetHeader, _Mapping]] = ..., data: _Optional[_Union[BlockData, _Mapping]] = ..., block_header: _Optional[_Union[GetHeader, _Mapping]] = ..., headers: _Optional[_Iterable[_Union[GetHeader, _Mapping]]] = ...) -> None: ...
 
 class MoveRequest(_message.Message):
     __slots__ = ("namespace", "hashes", "tier", "node_id")
