@@ -251,34 +251,48 @@ def test_put_assembler_refuses_every_malformed_sequence() -> None:
         short.finish()
 
 
+class _Node:
+    """The parts of NodeStoreService a Get uses, over a real store with blocks of 16 KiB
+    under ``key(0..n-1)`` (those in ``absent`` not stored); ``corrupt`` is flipped at rest."""
+
+    def __init__(self, tmp_path: Path, n: int, absent: tuple[int, ...] = (),
+                 corrupt: int | None = None) -> None:  # fmt: skip
+        from tests.conftest import NS, block, key, make_store
+
+        self.core, self.node_id, self.address = make_store(tmp_path), "n1", "127.0.0.1:1"
+        self.core.register_namespace(NS, 16 * KiB)
+        self.keys = [key(i) for i in range(n)]
+        for i, k in enumerate(self.keys):
+            if i not in absent:
+                self.core.put(k, block(i, 16 * KiB))
+        if corrupt is not None:
+            cpu = self.core.tiers[Tier.CPU]
+            offset = cpu.slot_offset(self.keys[corrupt])
+            assert offset is not None
+            cpu.arena.view[offset + 100] ^= 0x5A
+
+    def pull_missing(self, absent: list[BlockKey]) -> int:
+        return 0
+
+    def get(self, **request: object) -> list[bytes]:
+        """The serialized messages of a Get of every key."""
+        from kvfabric.rpc.servicer_data import Deadline, stream_get
+        from tests.conftest import NS
+
+        req = pb.GetRequest(namespace=NS, **request)
+        stream = stream_get(self, self.core.config, req, self.keys, Deadline(None, 10.0))
+        return [m if isinstance(m, bytes) else m.SerializeToString() for m in stream]
+
+
 def test_get_stream_sends_verified_blocks_and_never_a_corrupt_one(tmp_path: Path) -> None:
     """Each found block: its header, then its bytes; a block corrupt at rest: a miss only."""
     from kvfabric import integrity
     from kvfabric.rpc.client_data import DataPart, decode_get_chunk
-    from kvfabric.rpc.servicer_data import Deadline, stream_get
-    from tests.conftest import NS, block, key, make_store
+    from tests.conftest import block
 
-    store = make_store(tmp_path)
+    node = _Node(tmp_path, 3, corrupt=1)
     try:
-        store.register_namespace(NS, 16 * KiB)
-        keys = [key(i) for i in range(3)]
-        for i, k in enumerate(keys):
-            store.put(k, block(i, 16 * KiB))
-        cpu = store.tiers[Tier.CPU]
-        offset = cpu.slot_offset(keys[1])
-        assert offset is not None
-        cpu.arena.view[offset + 100] ^= 0x5A
-
-        class Service:  # the parts of NodeStoreService a Get uses, over a real store
-            core, node_id, address = store, "n1", "127.0.0.1:1"
-
-            def pull_missing(self, absent: list[BlockKey]) -> int:
-                return 0
-
-        request = pb.GetRequest(namespace=NS, chunk_bytes=4 * KiB)
-        stream = stream_get(Service(), store.config, request, keys, Deadline(None, 10.0))
-        got = [decode_get_chunk(m if isinstance(m, bytes) else m.SerializeToString())
-               for m in stream]  # fmt: skip
+        got = [decode_get_chunk(m) for m in node.get(chunk_bytes=4 * KiB)]
         headers = [(p.block_index, p.found) for p in got if isinstance(p, pb.GetHeader)]
         assert headers == [(0, True), (1, False), (2, True)]
         data = [(p.block_index, p.offset) for p in got if isinstance(p, DataPart)]
@@ -292,9 +306,58 @@ def test_get_stream_sends_verified_blocks_and_never_a_corrupt_one(tmp_path: Path
             payload = b"".join(bytes(c.data) for c in chunks if isinstance(c, DataPart))
             assert payload == block(i, 16 * KiB)
             assert header.size == len(payload) and header.checksum == integrity.checksum(payload)
-        assert store.contains(keys) == [Tier.CPU, None, Tier.CPU]  # the corrupt one is dropped
+        assert node.core.contains(node.keys) == [Tier.CPU, None, Tier.CPU]  # corrupt: dropped
     finally:
-        store.close()
+        node.core.close()
+
+
+def test_inline_headers_ride_on_first_chunks_and_a_corrupt_block_is_a_lone_miss(
+    tmp_path: Path,
+) -> None:
+    from kvfabric import integrity
+    from kvfabric.rpc.client_data import DataPart, decode_get_chunk
+    from tests.conftest import block
+
+    node = _Node(tmp_path, 3, corrupt=1)
+    try:
+        raw = node.get(chunk_bytes=4 * KiB, inline_headers=True)
+        got = [decode_get_chunk(m) for m in raw]
+        alone = [(p.block_index, p.found) for p in got if isinstance(p, pb.GetHeader)]
+        assert alone == [(1, False)]
+        assert len(got) == 4 + 1 + 4  # no header message of its own for a found block
+        for i, first in ((0, 0), (2, 5)):
+            part = got[first]
+            assert isinstance(part, DataPart) and part.header is not None
+            assert pb.GetChunk.FromString(raw[first]).block_header == part.header
+            assert (part.header.block_index, part.header.found, part.header.size) == (
+                i, True, 16 * KiB)  # fmt: skip
+            assert part.header.checksum == integrity.checksum(block(i, 16 * KiB))
+            assert all(isinstance(p, DataPart) and p.header is None
+                       for p in got[first + 1 : first + 4])  # fmt: skip
+        assert node.core.contains(node.keys) == [Tier.CPU, None, Tier.CPU]
+    finally:
+        node.core.close()
+
+
+def test_batched_headers_come_in_one_message_in_order(tmp_path: Path) -> None:
+    from kvfabric.errors import Corrupt
+    from kvfabric.rpc.client_data import decode_get_chunk
+
+    node = _Node(tmp_path, 4, absent=(2,))
+    try:
+        one = node.get(data_plane=True, batch_headers=True)
+        each = node.get(data_plane=True)
+        assert len(one) == 1 and len(each) == 4
+        batch = decode_get_chunk(one[0])
+        assert isinstance(batch, list)
+        assert batch == [decode_get_chunk(m) for m in each]  # the same headers, in order
+        assert [(h.block_index, h.found) for h in batch] == [(0, True), (1, True), (2, False),
+                                                             (3, True)]  # fmt: skip
+        both = pb.GetChunk(header=batch[0], headers=batch[1:]).SerializeToString()
+        with pytest.raises(Corrupt, match="batch of headers and a part"):
+            decode_get_chunk(both)
+    finally:
+        node.core.close()
 
 
 def test_unreadable_or_malformed_files_are_config_errors(tmp_path: Path) -> None:
@@ -321,87 +384,3 @@ def test_unreadable_or_malformed_files_are_config_errors(tmp_path: Path) -> None
         with pytest.raises(ConfigError) as err:
             server_credentials(CFG.replace(**files))
         assert err.value.field == field
-
-
-def test_inline_headers_ride_on_first_chunks_and_a_corrupt_block_is_a_lone_miss(
-    tmp_path: Path,
-) -> None:
-    from kvfabric import integrity
-    from kvfabric.rpc.client_data import DataPart, decode_get_chunk
-    from kvfabric.rpc.servicer_data import Deadline, stream_get
-    from tests.conftest import NS, block, key, make_store
-
-    store = make_store(tmp_path)
-    try:
-        store.register_namespace(NS, 16 * KiB)
-        keys = [key(i) for i in range(3)]
-        for i, k in enumerate(keys):
-            store.put(k, block(i, 16 * KiB))
-        cpu = store.tiers[Tier.CPU]
-        offset = cpu.slot_offset(keys[1])
-        assert offset is not None
-        cpu.arena.view[offset + 100] ^= 0x5A
-
-        class Service:
-            core, node_id, address = store, "n1", "127.0.0.1:1"
-
-            def pull_missing(self, absent: list[BlockKey]) -> int:
-                return 0
-
-        request = pb.GetRequest(namespace=NS, chunk_bytes=4 * KiB, inline_headers=True)
-        stream = stream_get(Service(), store.config, request, keys, Deadline(None, 10.0))
-        raw = [m if isinstance(m, bytes) else m.SerializeToString() for m in stream]
-        got = [decode_get_chunk(m) for m in raw]
-        alone = [(p.block_index, p.found) for p in got if isinstance(p, pb.GetHeader)]
-        assert alone == [(1, False)]
-        assert len(got) == 4 + 1 + 4  # no header message of its own for a found block
-        for i, first in ((0, 0), (2, 5)):
-            part = got[first]
-            assert isinstance(part, DataPart) and part.header is not None
-            assert pb.GetChunk.FromString(raw[first]).block_header == part.header
-            assert (part.header.block_index, part.header.found, part.header.size) == (
-                i, True, 16 * KiB)  # fmt: skip
-            assert part.header.checksum == integrity.checksum(block(i, 16 * KiB))
-            assert all(isinstance(p, DataPart) and p.header is None
-                       for p in got[first + 1 : first + 4])  # fmt: skip
-        assert store.contains(keys) == [Tier.CPU, None, Tier.CPU]
-    finally:
-        store.close()
-
-
-def test_batched_headers_come_in_one_message_in_order(tmp_path: Path) -> None:
-    from kvfabric.errors import Corrupt
-    from kvfabric.rpc.client_data import decode_get_chunk
-    from kvfabric.rpc.servicer_data import Deadline, stream_get
-    from tests.conftest import NS, block, key, make_store
-
-    store = make_store(tmp_path)
-    try:
-        store.register_namespace(NS, 16 * KiB)
-        keys = [key(i) for i in range(4)]
-        for i in (0, 1, 3):
-            store.put(keys[i], block(i, 16 * KiB))
-
-        class Service:
-            core, node_id, address = store, "n1", "127.0.0.1:1"
-
-            def pull_missing(self, absent: list[BlockKey]) -> int:
-                return 0
-
-        def get(batch: bool) -> list[bytes]:
-            request = pb.GetRequest(namespace=NS, data_plane=True, batch_headers=batch)
-            stream = stream_get(Service(), store.config, request, keys, Deadline(None, 10.0))
-            return [m if isinstance(m, bytes) else m.SerializeToString() for m in stream]
-
-        one, each = get(True), get(False)
-        assert len(one) == 1 and len(each) == 4
-        batch = decode_get_chunk(one[0])
-        assert isinstance(batch, list)
-        assert batch == [decode_get_chunk(m) for m in each]  # the same headers, in order
-        assert [(h.block_index, h.found) for h in batch] == [(0, True), (1, True), (2, False),
-                                                             (3, True)]  # fmt: skip
-        both = pb.GetChunk(header=batch[0], headers=batch[1:]).SerializeToString()
-        with pytest.raises(Corrupt, match="batch of headers and a part"):
-            decode_get_chunk(both)
-    finally:
-        store.close()
