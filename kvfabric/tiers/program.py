@@ -10,12 +10,15 @@ the offline optimum (Bélády) does with perfect knowledge:
   ended program, branch-private blocks of a joined fork (unless the join
   keeps them), and ephemeral-typed blocks of a program at a join. A dead
   block that is read again is alive again.
-* then **expected-dead** blocks, demoted like live ones: the branch-private
-  blocks of an open fork during what the forks joined before say is the
-  fork's last step (the program's own forks, or every program's until it has
-  joined one), as long as past joins kept at most ``KEPT_SHARE_MAX`` of such
-  blocks. The join will kill them unless it keeps them; it says so only
-  after the step, which is when the cache needs the room.
+* then **expected-dead** blocks, demoted like live ones: the blocks of a
+  program in what the programs that ended on this node say is its last step
+  (as many steps as the longest of them, once ``MIN_ENDED`` have ended; not
+  inside a fork), and the branch-private blocks of an open fork during what
+  the forks joined before say is the fork's last step (the program's own
+  forks, or every program's until it has joined one), as long as past joins
+  kept at most ``KEPT_SHARE_MAX`` of such blocks. The program's end or the
+  join will kill them; it says so only after the step, which is when the
+  cache needs the room.
 * then blocks by type rank (the per-type table: lower rank first; rank 9 is
   durable — system prompts, tool definitions — and goes last);
 * within a rank, blocks another node holds a copy of (``on_replicas``: the
@@ -63,6 +66,9 @@ KEPT_SHARE_MAX = 0.5
 """Branch-private blocks are expected dead in a fork's last step only while joins have kept
 at most this share of them (a framework that keeps most branches makes them worth keeping)."""
 
+MIN_ENDED = 8
+"""Programs that must have ended on the node before a step is taken for a program's last."""
+
 
 @dataclass(slots=True)
 class _Program:
@@ -75,6 +81,7 @@ class _Program:
     fork_steps: list[int] = field(default_factory=list)  # steps started in each open fork
     steps_per_fork: float = 0.0  # steps per fork, learned from its joined forks (0: none yet)
     forks_opened: int = 0
+    steps: int = 0
     gap: float = 0.0  # typical idle time between a step's end and the next step's start
     last_end: float | None = None
     in_step: bool = False
@@ -108,6 +115,8 @@ class ProgramAwarePolicy(Policy):
         self._elsewhere: dict[BlockKey, int] = {}  # copies other nodes hold (from the caller)
         self._steps_per_fork = 0.0  # over every program's joined forks (0: none yet)
         self._kept_share: float | None = None  # share of branch-private blocks a join keeps
+        self._most_steps = 0  # the most steps a program that ended here took
+        self._ended = 0  # programs that ended here
 
     def bind(self, context: PolicyContext) -> None:
         self._ctx = context
@@ -168,7 +177,10 @@ class ProgramAwarePolicy(Policy):
             return
         prog = self._programs.get(pid)
         if hint.kind == HintKind.PROGRAM_END:
-            self._programs.pop(pid, None)
+            gone = self._programs.pop(pid, None)
+            if gone is not None:
+                self._most_steps = max(self._most_steps, gone.steps)
+                self._ended += 1
             self._kill(pid, lambda _key, rank: rank < DURABLE_RANK)
             return
         if prog is None:
@@ -180,6 +192,9 @@ class ProgramAwarePolicy(Policy):
                 prog.gap = gap if prog.gap == 0.0 else 0.5 * (prog.gap + gap)
             prog.lease_start = None
             prog.in_step = True
+            prog.steps += 1
+            if self._in_last_step(prog):
+                self._replace_program(pid)
             if prog.fork_steps:
                 prog.fork_steps[-1] += 1
                 self._replace_program(pid)
@@ -189,9 +204,12 @@ class ProgramAwarePolicy(Policy):
                 idle, last = max(0.0, now - ended), prog.idle[inside]
                 prog.idle[inside] = idle if last == 0.0 else 0.5 * (last + idle)
         elif hint.kind == HintKind.STEP_END:
+            last = self._in_last_step(prog)
             prog.last_end = now
             prog.in_step = False
             prog.step_end = (now, prog.fork_id())
+            if last:
+                self._replace_program(pid)  # it goes on after all: live again
         elif hint.kind == HintKind.TOOL_CALL_START:
             prog.lease_start = now
             expected = hint.expected_duration_s
@@ -316,13 +334,28 @@ class ProgramAwarePolicy(Policy):
         doomed = not dead and rank < DURABLE_RANK and self._doomed(meta)
         return (dead, doomed, rank, meta.key in self._elsewhere, meta.program_id)
 
+    def _in_last_step(self, prog: _Program) -> bool:
+        """Whether ``prog`` runs what the programs that ended here say is its last step: as
+        many steps as the longest of them (after ``MIN_ENDED`` of them), outside a fork."""
+        return (
+            prog.in_step
+            and not prog.forks
+            and self._ended >= MIN_ENDED
+            and prog.steps >= self._most_steps
+        )
+
     def _doomed(self, meta: BlockMeta) -> bool:
-        """Whether a live block is expected dead at the coming join: private to the open
-        fork's branch, in what the forks joined before say is the fork's last step, where
-        joins have kept few such blocks. Learned from the past only; a wrong guess costs
-        a demotion, as the block is demoted like any live one."""
+        """Whether a live block is expected dead: its program runs its last step (see
+        :meth:`_in_last_step`), or the block is private to an open fork's branch in what the
+        forks joined before say is the fork's last step, where joins have kept few such
+        blocks. Learned from the past only; a wrong guess costs a demotion, as the block
+        is demoted like any live one."""
         prog = self._programs.get(meta.program_id or "")
-        if prog is None or not prog.forks:
+        if prog is None:
+            return False
+        if self._in_last_step(prog):
+            return True  # no later step of its program will read it
+        if not prog.forks:
             return False
         kept = self._kept_share
         expected = round(prog.steps_per_fork or self._steps_per_fork)

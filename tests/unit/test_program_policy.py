@@ -393,3 +393,44 @@ def test_only_the_step_past_forks_say_is_the_last_one_expects_its_branch_dead(ma
     assert not core.policy.is_expected_dead(k(0))  # the fork's prefix is not the branch's
     hint(core, "w", HintKind.JOIN, [5, 6])
     assert not core.policy.is_expected_dead(k(5))
+
+
+def test_a_program_in_what_ended_programs_say_is_its_last_step_expects_its_context_dead(
+    make: Any,
+) -> None:
+    from kvfabric.tiers.program import MIN_ENDED
+
+    core, _ = make(8, 8, 0)
+
+    def steps(pid: str, n: int) -> None:
+        for step in range(n):
+            _step(core, pid, HintKind.STEP_START, step)
+            _step(core, pid, HintKind.STEP_END, step)
+
+    for i in range(MIN_ENDED):  # programs of three steps end here
+        hint(core, f"done-{i}", HintKind.PROGRAM_START)
+        steps(f"done-{i}", 3)
+        hint(core, f"done-{i}", HintKind.PROGRAM_END)
+    hint(core, "p", HintKind.PROGRAM_START)
+    put(core, [0, 1], "p")
+    put(core, [9], "p", BlockType.SYSTEM_PROMPT)  # durable: never expected dead
+    steps("p", 2)
+    assert not core.policy.is_expected_dead(k(0))
+    _step(core, "p", HintKind.STEP_START, 2)  # its third step: the last, judging by the past
+    assert core.policy.is_expected_dead(k(0)) and core.policy.is_expected_dead(k(1))
+    assert not core.policy.is_expected_dead(k(9))
+    _step(core, "p", HintKind.STEP_END, 2)  # it goes on after all
+    assert not core.policy.is_expected_dead(k(0))
+
+
+def test_before_enough_programs_ended_no_step_is_taken_for_the_last(make: Any) -> None:
+    from kvfabric.tiers.program import MIN_ENDED
+
+    core, _ = make(8, 8, 0)
+    for i in range(MIN_ENDED - 1):
+        hint(core, f"done-{i}", HintKind.PROGRAM_START)
+        hint(core, f"done-{i}", HintKind.PROGRAM_END)  # zero steps each
+    hint(core, "p", HintKind.PROGRAM_START)
+    put(core, [0], "p")
+    _step(core, "p", HintKind.STEP_START, 0)
+    assert not core.policy.is_expected_dead(k(0))
