@@ -59,7 +59,7 @@ from kvfabric.tiers.policy import (
 from kvfabric.tiers.typepolicy import DURABLE_RANK
 from kvfabric.types import BlockKey, BlockMeta, Tier
 
-# (dead, expected dead at the coming join, type rank, copied elsewhere, program)
+# (dead, expected dead, type rank, copied elsewhere, program)
 GroupKey = tuple[bool, bool, int, bool, str | None]
 
 KEPT_SHARE_MAX = 0.5
@@ -71,16 +71,24 @@ MIN_ENDED = 8
 
 
 @dataclass(slots=True)
+class _Fork:
+    """An open fork of a program, as the policy follows it."""
+
+    number: int  # the program's forks are numbered as they open
+    forked_at: int  # the insert sequence when it opened: later blocks are branch-private
+    prefix: frozenset[BlockKey]
+    steps: int = 0  # steps started inside it
+
+
+@dataclass(slots=True)
 class _Program:
     """What the policy remembers of a program from its hints."""
 
     lease_start: float | None = None
     lease_expected: float = 0.0
-    forks: list[tuple[int, frozenset[BlockKey]]] = field(default_factory=list)
-    fork_ids: list[int] = field(default_factory=list)  # a number per fork, parallel to forks
-    fork_steps: list[int] = field(default_factory=list)  # steps started in each open fork
-    steps_per_fork: float = 0.0  # steps per fork, learned from its joined forks (0: none yet)
+    forks: list[_Fork] = field(default_factory=list)  # open, innermost last
     forks_opened: int = 0
+    steps_per_fork: float = 0.0  # steps per fork, learned from its joined forks (0: none yet)
     steps: int = 0
     gap: float = 0.0  # typical idle time between a step's end and the next step's start
     last_end: float | None = None
@@ -92,7 +100,7 @@ class _Program:
 
     def fork_id(self) -> int | None:
         """The innermost open fork's number, or None."""
-        return self.fork_ids[-1] if self.fork_ids else None
+        return self.forks[-1].number if self.forks else None
 
 
 @register_policy
@@ -189,20 +197,18 @@ class ProgramAwarePolicy(Policy):
         if hint.kind == HintKind.STEP_START:
             if prog.lease_start is None and prog.last_end is not None:
                 gap = max(0.0, now - prog.last_end)
-                prog.gap = gap if prog.gap == 0.0 else 0.5 * (prog.gap + gap)
+                prog.gap = _ema(prog.gap, gap)
             prog.lease_start = None
             prog.in_step = True
             prog.steps += 1
-            if self._in_last_step(prog):
-                self._replace_program(pid)
-            if prog.fork_steps:
-                prog.fork_steps[-1] += 1
-                self._replace_program(pid)
+            if prog.forks:
+                prog.forks[-1].steps += 1
+            if prog.forks or self._in_last_step(prog):
+                self._replace_program(pid)  # expected dead now, maybe
             if prog.step_end is not None:
                 ended, fork = prog.step_end
                 inside = int(fork is not None and fork == prog.fork_id())
-                idle, last = max(0.0, now - ended), prog.idle[inside]
-                prog.idle[inside] = idle if last == 0.0 else 0.5 * (last + idle)
+                prog.idle[inside] = _ema(prog.idle[inside], max(0.0, now - ended))
         elif hint.kind == HintKind.STEP_END:
             last = self._in_last_step(prog)
             prog.last_end = now
@@ -218,20 +224,17 @@ class ProgramAwarePolicy(Policy):
             prog.lease_start = None
             prog.last_end = now  # the program resumes: its next step is due now
         elif hint.kind == HintKind.FORK:
-            prog.forks.append((self._seq, keys))
-            prog.fork_ids.append(prog.forks_opened)
-            prog.fork_steps.append(0)
+            prog.forks.append(_Fork(prog.forks_opened, self._seq, keys))
             prog.forks_opened += 1
         elif hint.kind == HintKind.JOIN and prog.forks:
             self._join(pid, prog, keys)
 
     def _join(self, pid: str, prog: _Program, kept: frozenset[BlockKey]) -> None:
         """Close the innermost fork: learn its length and what it kept, kill the rest."""
-        forked_at, prefix = prog.forks.pop()
-        prog.fork_ids.pop()
-        steps = prog.fork_steps.pop()
-        prog.steps_per_fork = _ema(prog.steps_per_fork, steps)
-        self._steps_per_fork = _ema(self._steps_per_fork, steps)
+        fork = prog.forks.pop()
+        forked_at, prefix = fork.forked_at, fork.prefix
+        prog.steps_per_fork = _ema(prog.steps_per_fork, fork.steps)
+        self._steps_per_fork = _ema(self._steps_per_fork, fork.steps)
         branch = [k for k in self._by_program.get(pid, ())
                   if k not in prefix and self._order[k] > forked_at]  # fmt: skip
         if branch:
@@ -286,7 +289,7 @@ class ProgramAwarePolicy(Policy):
         return key in self._dead
 
     def is_expected_dead(self, key: BlockKey) -> bool:
-        """Whether ``key`` is ranked expected dead at its fork's join; for tests and reports."""
+        """Whether ``key`` is ranked expected dead (see _doomed); for tests and reports."""
         where = self._where.get(key)
         return where is not None and where[1][1]
 
@@ -361,10 +364,10 @@ class ProgramAwarePolicy(Policy):
         expected = round(prog.steps_per_fork or self._steps_per_fork)
         if kept is None or kept > KEPT_SHARE_MAX or expected < 1:
             return False
-        if prog.fork_steps[-1] < expected:
+        fork = prog.forks[-1]
+        if fork.steps < expected:
             return False
-        forked_at, prefix = prog.forks[-1]
-        return self._order[meta.key] > forked_at and meta.key not in prefix
+        return self._order[meta.key] > fork.forked_at and meta.key not in fork.prefix
 
     def _replace_program(self, pid: str) -> None:
         """Re-rank a program's blocks after its fork state changed."""
